@@ -1,0 +1,30 @@
+"""Export trunk + target branch (branch 0) as a plain network's state dict."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .registry import create_plain
+from .resnet import MultiBranchNet, PeerNet
+
+
+def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """State dict of the plain network equal to trunk + branch 0 (torchvision names for ImageNet)."""
+    if isinstance(model, PeerNet):
+        model = model.peers[0]
+    if not isinstance(model, MultiBranchNet):
+        raise ValueError(f"model: expected an ahbf multi-branch model, got {type(model).__name__}")
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("trunk."):
+            out[key[len("trunk."):]] = value.detach().clone()
+        elif key.startswith("branches.0."):
+            out[key[len("branches.0."):]] = value.detach().clone()
+    return out
+
+
+def export_target(model: nn.Module) -> nn.Module:
+    """A plain network (``create_plain``) loaded strictly with trunk + branch 0's weights."""
+    spec = model.spec
+    plain = create_plain(spec["arch"], spec["num_classes"])
+    plain.load_state_dict(target_state_dict(model), strict=True)
+    return plain

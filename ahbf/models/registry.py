@@ -1,0 +1,81 @@
+"""Model registry: a plain dict of architectures and one ``create_model`` entry point."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torchvision
+from torch import nn
+
+from .resnet import CifarResNet, MultiBranchNet, PeerNet
+
+
+@dataclass(frozen=True)
+class Arch:
+    block: str
+    layers: tuple[int, ...]
+    imagenet: bool
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet8": Arch("basic", (1, 1, 1), False),
+    "resnet14": Arch("basic", (2, 2, 2), False),
+    "resnet20": Arch("basic", (3, 3, 3), False),
+    "resnet32": Arch("basic", (5, 5, 5), False),
+    "resnet44": Arch("basic", (7, 7, 7), False),
+    "resnet56": Arch("basic", (9, 9, 9), False),
+    "resnet110": Arch("bottleneck", (12, 12, 12), False),  # Bottleneck, as in the AHBF reference
+    "resnet18": Arch("basic", (2, 2, 2, 2), True),
+    "resnet34": Arch("basic", (3, 4, 6, 3), True),
+    "resnet50": Arch("bottleneck", (3, 4, 6, 3), True),
+}
+METHODS = ("ahbf", "one", "dml", "baseline")
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHS)}")
+    return ARCHS[name]
+
+
+def default_aux(arch: str, method: str) -> int:
+    """SPEC 2: aux = 4 for CIFAR and 2 for ImageNet under AHBF; identical branches otherwise."""
+    if method != "ahbf":
+        return 0
+    return 2 if get_arch(arch).imagenet else 4
+
+
+def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
+                 aux: int | None = None) -> nn.Module:
+    """Build a multi-branch model (``ahbf``, ``one``, ``dml``) or a plain ``baseline``.
+
+    Every model returns ``BranchOutput(logits, scores)``; ``model.spec`` records the arguments.
+    """
+    a = get_arch(arch)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    aux = default_aux(arch, method) if aux is None else aux
+    if aux < 0:
+        raise ValueError(f"aux must be >= 0, got {aux}")
+    if method == "baseline":
+        num_branches = 1
+    elif num_branches < 2:
+        raise ValueError(f"num_branches must be >= 2 for {method}, got {num_branches}")
+    elif method == "dml" and aux != 0:
+        raise ValueError(f"aux must be 0 for dml (identical peers), got {aux}")
+
+    def build(m: int, meth: str) -> MultiBranchNet:
+        return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, m, aux, meth)
+
+    model = PeerNet(lambda: build(1, "baseline"), num_branches) if method == "dml" else build(num_branches, method)
+    model.spec = dict(arch=arch, method=method, num_classes=num_classes, num_branches=num_branches, aux=aux)
+    return model
+
+
+def create_plain(arch: str, num_classes: int) -> nn.Module:
+    """The plain single network that a target branch exports to (torchvision's for ImageNet)."""
+    a = get_arch(arch)
+    if a.imagenet:
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    return CifarResNet(a.block, list(a.layers), num_classes)

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ahbf",
+    version="0.1.0",
+    description="Fast online knowledge distillation with Adaptive Hierarchy-Branch Fusion (AHBF-OKD)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ahbf", "ahbf.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "torchvision>=0.20",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+        "scikit-learn>=1.2",
+        "tensorboard>=2.12",
+        "pillow>=9",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "dali-cuda120": ["nvidia-dali-cuda120"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda130"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ahbf-train=ahbf.engine.cli:train_main",
+            "ahbf-eval=ahbf.engine.cli:eval_main",
+            "ahbf-export=ahbf.engine.cli:export_main",
+        ]
+    },
+)
