@@ -1,0 +1,65 @@
+"""The loader interface every data pipeline implements, and its config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+from torch import Tensor
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """digits (scikit-learn's bundled set, the default) | cifar10 | cifar100 | imagenet (class folders) | synthetic"""
+    root: str = "data"
+    """folder of the data set (CIFAR python format, or ImageNet-style train/ and val/ class folders)"""
+    backend: str = "auto"
+    """auto | dali | torch: image-folder decoding with NVIDIA DALI or a torchvision DataLoader"""
+    batch_size: int = 128
+    """per-process training batch size"""
+    eval_batch_size: int = 256
+    """per-process evaluation batch size"""
+    workers: int = 4
+    """decoding threads (DALI) or DataLoader workers (torch)"""
+    image_size: int = 0
+    """training resolution; 0 = the data set's default (digits 32, CIFAR 32, ImageNet 224)"""
+    val_fraction: float = 0.1
+    """fraction of the training set held out to choose the best checkpoint (never the test set)"""
+    download: bool = False
+    """allow torchvision to download CIFAR into root (off by default: nothing is fetched silently)"""
+    skip_bad_images: bool = False
+    """skip unreadable images with a count instead of stopping with an error"""
+    synthetic_classes: int = 10
+    """number of classes of the synthetic data set"""
+    synthetic_samples: int = 512
+    """number of training images of the synthetic data set"""
+    augment: bool = True
+    """random crop (+ flip where it preserves the label) on training batches"""
+    seed: int = 0
+    """seed of the shuffling and augmentation streams (epoch e uses a stream derived from seed and e)"""
+
+
+class Batches(Protocol):
+    """An epoch-wise iterable of ``(images, labels)`` on the target device.
+
+    ``images`` is float B x 3 x H x W in channels-last memory format, normalised; ``labels`` int64 B.
+    ``set_epoch(e)`` must be called before iterating epoch e: the order and augmentation of an epoch
+    are a function of (seed, e), so a resumed run restarts its epoch deterministically.
+    """
+
+    num_samples: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+@dataclass
+class DataBundle:
+    train: Batches
+    val: Batches | None
+    test: Batches
+    num_classes: int
+    image_size: int
