@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batches, DataBundle, DataConfig
+from .base import Batches, DataBundle, DataConfig, resolve_dtype
 from .memory import DeviceTensorLoader
 from .sources import STATS, cifar_arrays, digits_arrays, split_holdout, synthetic_arrays
 
@@ -22,7 +22,7 @@ def _in_memory(cfg: DataConfig, rank: int, world_size: int, device) -> DataBundl
     train, val = split_holdout(*train, cfg.val_fraction)
     mean, std = STATS[cfg.dataset]
     flip = cfg.dataset.startswith("cifar") or cfg.dataset == "synthetic"  # a mirrored digit is another digit
-    common = dict(mean=mean, std=std, rank=rank, world_size=world_size, device=device)
+    common = dict(mean=mean, std=std, rank=rank, world_size=world_size, device=device, dtype=resolve_dtype(cfg.dtype))
 
     def evaluation(arr):
         return None if arr is None else DeviceTensorLoader(*arr, cfg.eval_batch_size, train=False, **common)
@@ -38,7 +38,7 @@ def build_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
     if cfg.dataset in IN_MEMORY:
         return _in_memory(cfg, rank, world_size, device)
     if cfg.dataset == "imagenet":
-        from .folder import build_folder_data  # DALI or torchvision, chosen by cfg.backend
+        from .folder import build_folder_data  # DALI or torchvision, chosen by cfg.backend; imported on demand
         return build_folder_data(cfg, rank=rank, world_size=world_size, device=device)
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {[*IN_MEMORY, 'imagenet']}")
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+import torch
 from torch import Tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``DataConfig.dtype`` -> torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -28,7 +38,15 @@ class DataConfig:
     download: bool = False
     """allow torchvision to download CIFAR into root (off by default: nothing is fetched silently)"""
     skip_bad_images: bool = False
-    """skip unreadable images with a count instead of stopping with an error"""
+    """skip unreadable images and empty class folders (with a warning that counts them) instead of stopping"""
+    check_images: str = "auto"
+    """image-folder check before training: full (Pillow decode) | header (signature + JPEG end marker) | none | auto (full up to 100,000 images, else header)"""
+    train_list: str = ""
+    """text file of 'relative/path label' lines (relative to root) used instead of scanning root/train"""
+    test_list: str = ""
+    """text file of 'relative/path label' lines (relative to root) used instead of scanning root/val"""
+    dtype: str = "float32"
+    """dtype of the image batches: float32 | float16 | bfloat16"""
     synthetic_classes: int = 10
     """number of classes of the synthetic data set"""
     synthetic_samples: int = 512

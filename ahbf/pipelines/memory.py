@@ -1,8 +1,11 @@
 """A whole data set as one uint8 tensor on the device, with batched on-device augmentation.
 
 Used for CIFAR, digits and synthetic data: no worker processes, no host-to-device copies per step.
-Each epoch's order and augmentation come from generators seeded with (seed, epoch); samples are
-sharded by global rank like ``DistributedSampler`` (padded so every rank gets the same count).
+Training order: exactly ``DistributedSampler``'s for (seed, epoch) (a CPU permutation seeded with seed + epoch,
+padded by wrapping so every rank gets the same count, every world_size-th sample from rank), computed once per
+epoch and moved to the device. Augmentation: a device generator seeded with (seed, epoch, rank), so ranks
+draw different crops and an epoch is a pure function of (seed, epoch, rank). Evaluation: rank r takes
+samples r, r + world_size, ... (an exact partition, no padding; rank counts may differ by one).
 """
 from __future__ import annotations
 
@@ -12,21 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scan import epoch_permutation, mix_seed
+
 
 def random_crop_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator) -> Tensor:
-    """Batched random crop (zero padding ``pad``) and horizontal flip of uint8 NHWC images."""
+    """Batched random crop and horizontal flip of uint8 N x H x W x C images, as torchvision's
+    ``RandomCrop(H, padding=pad)`` + ``RandomHorizontalFlip()`` per image: the crop is an H x W window at a
+    uniform offset in [0, 2 pad] of the zero-padded image, then mirrored with probability 1/2. One gather
+    does both. Draws (from ``gen``, in this order): row offsets, column offsets (if pad > 0), flip coins."""
     B, H, W, _ = x.shape
+    if pad <= 0 and not flip:
+        return x
+    dev = x.device
+    rows, cols = torch.arange(H, device=dev).expand(B, H), torch.arange(W, device=dev).expand(B, W)
     if pad > 0:
-        xp = F.pad(x, (0, 0, pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=x.device)
-        ox = torch.randint(0, 2 * pad + 1, (B,), generator=gen, device=x.device)
-        rows = (oy[:, None] + torch.arange(H, device=x.device))[:, :, None]
-        cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, :]
-        x = xp[torch.arange(B, device=x.device)[:, None, None], rows, cols]
+        x = F.pad(x, (0, 0, pad, pad, pad, pad))
+        rows = rows + torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
+        cols = cols + torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
     if flip:
-        mask = torch.rand(B, generator=gen, device=x.device) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(2), x)
-    return x
+        mirror = torch.rand(B, 1, generator=gen, device=dev) < 0.5
+        cols = torch.where(mirror, cols.flip(1), cols)
+    return x[torch.arange(B, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 class DeviceTensorLoader:
@@ -57,23 +66,18 @@ class DeviceTensorLoader:
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
-    def _generator(self, stream: int) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + self.epoch) * 4 + stream)
-        return gen
-
     def indices(self) -> Tensor:
+        """This rank's sample indices for the current epoch, on the device."""
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size, device=self.device)
-        order = torch.randperm(n, generator=self._generator(0), device=self.device)
-        total = self.num_samples * self.world_size
-        order = torch.cat([order, order[: total - n]]) if total > n else order
-        return order[self.rank::self.world_size]
+        order = epoch_permutation(n, seed=self.seed, epoch=self.epoch, world_size=self.world_size)
+        return order[self.rank::self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self.indices()
-        gen = self._generator(1)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         for start in range(0, len(idx), self.batch_size):
             b = idx[start:start + self.batch_size]
             x = self.images[b]
