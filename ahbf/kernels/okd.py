@@ -1,0 +1,177 @@
+"""The fused OKD objective: one op computing loss and gradients, its autograd, and the backend switch.
+
+Public entry point: :func:`okd_loss`, the same call and return as ``okd_objective_reference`` plus
+``backend``:
+
+- ``"triton"``: the fused Triton kernel (``triton_okd.py``); CUDA, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (tests).
+- ``"compiled"``: ``torch.compile`` of the analytic forward+gradient formulation (``analytic.py``),
+  specialised per graph; the CPU default.
+- ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
+- ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits, else ``compiled``.
+
+The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
+returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
+the score matrix; backward only scales those by ``grad_output``. The op is opaque to
+``torch.compile``, so a compiled training step calls the kernel as is (``register_fake`` gives shapes).
+
+Inputs: non-contiguous logits or scores are copied to contiguous ones first; branches of mixed
+dtypes are promoted to a common dtype (both through autograd, so gradients flow back as usual).
+``kd_scale`` may be a float or a 0-dim tensor: it enters the op as a tensor, so changing it every
+epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .analytic import encode_graph, okd_analytic, score_matrix
+from .graph import DistillGraph, Ensemble, KLEdge
+from .reference import check_inputs, okd_objective_reference
+
+BACKENDS = ("auto", "triton", "compiled", "eager")
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- the graph as op arguments (ints and floats), decoded once per graph
+
+def graph_to_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
+    """Flatten a graph into ``(ints, floats)``: what the custom op receives instead of a Python object."""
+    ints = [graph.num_branches, len(graph.ensembles), len(graph.ce_nodes), len(graph.kl_edges)]
+    for ens in graph.ensembles:
+        ints += [len(ens.inputs), ens.score, *ens.inputs]
+    ints += list(graph.ce_nodes)
+    for e in graph.kl_edges:
+        ints += [e.student, e.teacher, int(e.detach)]
+    return ints, [float(e.weight) for e in graph.kl_edges]
+
+
+@functools.lru_cache(maxsize=None)
+def graph_from_args(ints: tuple[int, ...], floats: tuple[float, ...]) -> DistillGraph:
+    """Inverse of :func:`graph_to_args` (cached: decoded once per graph)."""
+    it = iter(ints)
+    M, E, C, L = (next(it) for _ in range(4))
+    ensembles = []
+    for _ in range(E):
+        w, score = next(it), next(it)
+        ensembles.append(Ensemble(tuple(next(it) for _ in range(w)), score))
+    ce = tuple(next(it) for _ in range(C))
+    edges = tuple(KLEdge(next(it), next(it), floats[i], bool(next(it))) for i in range(L))
+    return DistillGraph("fused", M, tuple(ensembles), ce, edges)
+
+
+# ---- the compiled analytic formulation, one per graph
+
+_COMPILED: dict[tuple[DistillGraph, int, bool], object] = {}
+
+
+def _compiled_fn(graph: DistillGraph, teacher_mode: int, need_grad: bool):
+    key = (graph, teacher_mode, need_grad)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = torch.compile(functools.partial(okd_analytic, graph=graph, teacher_mode=teacher_mode,
+                                             need_grad=need_grad))
+        _COMPILED[key] = fn
+    return fn
+
+
+# ---- the custom op
+
+@torch.library.custom_op("ahbf::okd_fused", mutates_args=())
+def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, graph_ints: list[int],
+              graph_floats: list[float], T: float, impl: str, need_grad: bool) -> list[Tensor]:
+    """``[loss, terms, dz_0 .. dz_{M-1}, dscores]``, ``terms = [ce, kd]``; no dz / dscores without ``need_grad``.
+
+    ``impl``: ``triton``, ``compiled`` or ``analytic`` (the uncompiled formulation, for debugging).
+    """
+    graph = graph_from_args(tuple(graph_ints), tuple(graph_floats))
+    enc = encode_graph(graph, z[0].device)
+    if impl == "triton":
+        from . import triton_okd  # lazily: importing ahbf.kernels must not need triton
+        loss, terms, dz, ds = triton_okd.okd_fused_triton(list(z), scores, labels, kd_scale.reshape(1), enc, T,
+                                                          need_grad)
+    else:
+        fn = (_compiled_fn(graph, enc.teacher_mode, need_grad) if impl == "compiled" else
+              functools.partial(okd_analytic, graph=graph, teacher_mode=enc.teacher_mode, need_grad=need_grad))
+        loss, ce, kd, dz, ds = fn(list(z), scores, labels, T, kd_scale.reshape(()), enc.ce_count, enc.mix_w,
+                                  enc.mix_t, enc.mix_s)
+        terms = torch.stack([ce, kd])
+    return [loss, terms, *dz, ds] if need_grad else [loss, terms]
+
+
+@okd_fused.register_fake
+def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad):
+    dt = torch.float64 if z[0].dtype == torch.float64 else torch.float32
+    out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
+    if not need_grad:
+        return out
+    return out + [torch.empty_like(zi) for zi in z] + [torch.empty_like(scores)]
+
+
+def _setup_context(ctx, inputs, output):
+    z, kd_scale, need_grad = inputs[0], inputs[3], inputs[8]
+    ctx.num_branches = len(z)
+    ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
+    ctx.kd_shape = kd_scale.shape
+    ctx.has_grads = need_grad
+    if need_grad:
+        ctx.save_for_backward(*output[2:], output[1])
+
+
+def _backward(ctx, grads):
+    if not ctx.has_grads:
+        raise RuntimeError("ahbf::okd_fused ran with need_grad=False; call it with need_grad=True to backprop")
+    g = grads[0]
+    *dz, ds, terms = ctx.saved_tensors
+    dz_out = [d * g.to(d.dtype) for d in dz]
+    ds_out = ds * g.to(ds.dtype)
+    dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
+    return dz_out, ds_out, None, dkd, None, None, None, None, None
+
+
+okd_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point
+
+def resolve_backend(backend: str, z: Tensor) -> str:
+    """The backend ``okd_loss`` runs for ``backend`` and logits like ``z``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if z.is_cuda and z.dtype in _TRITON_DTYPES and TRITON_AVAILABLE else "compiled"
+    return backend
+
+
+def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph, T: float = 3.0,
+             kd_scale: float | Tensor = 1.0, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+    """The OKD objective (SPEC 4): ``(loss, {"ce": ..., "kd": ...})`` with ``loss = ce + kd_scale * kd``.
+
+    Same arguments and result as ``okd_objective_reference``; ``backend`` picks the implementation
+    (module docstring). Fused backends compute the gradients in the forward pass; they are used only
+    if autograd needs them.
+    """
+    check_inputs(z, s, labels, graph)
+    backend = resolve_backend(backend, z[0])
+    if backend == "eager":
+        return okd_objective_reference(z, s, labels, graph, T, kd_scale)
+    if backend == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
+        if z[0].dtype not in _TRITON_DTYPES:
+            raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16, got {z[0].dtype}")
+    dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
+    z = [zi.to(dtype).contiguous() for zi in z]
+    scores = score_matrix(s, graph, z[0]).contiguous()
+    if not isinstance(kd_scale, Tensor):
+        kd_scale = torch.full((), float(kd_scale), device=z[0].device)  # a fill, no host-to-device copy
+    ints, floats = graph_to_args(graph)  # a few list appends; the decoded encoding is cached
+    need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
+    out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad)
+    terms = out[1].detach()
+    return out[0], {"ce": terms[0], "kd": terms[1]}

@@ -1,0 +1,322 @@
+"""Fused OKD objective in Triton: loss and every gradient in one launch over the batch.
+
+Layout: the ``@triton.jit`` kernel and its helpers, then the plain launcher :func:`okd_fused_triton`,
+then notes. The autograd wiring (``torch.library.custom_op``) lives in ``okd.py``.
+
+The eager formula it implements (``okd_objective_reference``)::
+
+    nodes = z + [sum_j softmax(s[score])_j * nodes[inputs[j]] for each ensemble]
+    loss  = sum_{n in ce_nodes} F.cross_entropy(nodes[n], y)
+          + kd_scale * sum_e w_e * T^2 * F.kl_div(log_softmax(nodes[s_e] / T), log_softmax(nodes[t_e] / T),
+                                                   reduction="batchmean", log_target=True)
+
+One program per row. The row's node logits (branches, then gated ensembles) form an ``[NP, BK]``
+register tile, rebuilt from the branch logits for each chunk of ``BK`` classes (NP = number of nodes
+rounded up to a power of two). Pass 1 streams the chunks once with an online softmax and keeps, per
+node, the running max and sum at temperature T and at 1, the label logit, and the running
+``sum_k exp(y - max) * (A y)`` with ``y = x / T`` (A = the KL mixing matrices of ``analytic.py``,
+which fold all KL edges into N x N matrices). That gives the row's CE and KL terms. Pass 2 streams the
+chunks again and writes the gradient of every branch logit and every score column:
+
+    D_n    = ce_count_n / B * (softmax(x_n) - onehot(y))
+           + kd_scale * T / B * [ (A_s p)_n + p_n * ((A_t y)_n - E_{p_n}[(A_t y)_n]) ]
+    back through the ensembles, last first:  D_in_j += g_j D_e,  dL/dg_j += <D_e, x_in_j>
+    dL/ds  = g * (dL/dg - <g, dL/dg>)
+
+When the row fits in one chunk (``K <= BK``) the tile is loaded once and reused by both passes.
+Per row only 2 floats (CE and KD partials) are written besides the gradients; the host sums them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .analytic import GraphTensors
+
+MAX_BRANCHES = 8
+
+
+@triton.jit
+def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """The i-th of eight pointers (i is a compile-time constant)."""
+    p = p0
+    if i == 1:
+        p = p1
+    if i == 2:
+        p = p2
+    if i == 3:
+        p = p3
+    if i == 4:
+        p = p4
+    if i == 5:
+        p = p5
+    if i == 6:
+        p = p6
+    if i == 7:
+        p = p7
+    return p
+
+
+@triton.jit
+def _row(X, rows, n):
+    """Row n of the [NP, BK] tile X (n may be a runtime value)."""
+    return tl.sum(tl.where(rows[:, None] == n, X, 0.0), axis=0)
+
+
+@triton.jit
+def _gates(s_row, col, width, jw):
+    """softmax over the score columns col .. col + width - 1 of this row, as a [WP] vector."""
+    v = tl.load(s_row + col + jw, mask=jw < width, other=float("-inf")).to(tl.float32)
+    e = tl.where(jw < width, tl.exp(v - tl.max(v, axis=0)), 0.0)
+    return e / tl.sum(e, axis=0)
+
+
+@triton.jit
+def _nodes(z0, z1, z2, z3, z4, z5, z6, z7, offs, mask, s_row, ens_in_ptr, ens_col_ptr, ens_w_ptr, n_ens,
+           M: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr, BK: tl.constexpr):
+    """[NP, BK] tile of node logits for one chunk: branch rows 0..M-1, then ensemble rows M..M+E-1.
+
+    Masked (k >= K) lanes hold 0; so do padding rows.
+    """
+    rows = tl.arange(0, NP)
+    jw = tl.arange(0, WP)
+    X = tl.zeros([NP, BK], dtype=tl.float32)
+    for i in tl.static_range(M):
+        zi = tl.load(_pick(i, z0, z1, z2, z3, z4, z5, z6, z7) + offs, mask=mask, other=0.0).to(tl.float32)
+        X = tl.where(rows[:, None] == i, zi[None, :], X)
+    for k in range(n_ens):
+        col = tl.load(ens_col_ptr + k)
+        width = tl.load(ens_w_ptr + k)
+        g = _gates(s_row, col, width, jw)
+        acc = tl.zeros([BK], dtype=tl.float32)
+        for j in range(width):
+            src = tl.load(ens_in_ptr + k * WMAX + j)
+            acc += tl.sum(tl.where(jw == j, g, 0.0), axis=0) * _row(X, rows, src)
+        X = tl.where(rows[:, None] == M + k, acc[None, :], X)
+    return X
+
+
+@triton.jit
+def _mix(mix_ptr, Y, N: tl.constexpr, NP: tl.constexpr):
+    """(A @ Y) over the node axis, A an N x N row-major matrix in memory, Y an [NP, BK] tile."""
+    rows = tl.arange(0, NP)
+    acc = tl.zeros_like(Y)
+    for m in range(N):
+        a = tl.load(mix_ptr + rows * N + m, mask=rows < N, other=0.0)
+        acc += a[:, None] * _row(Y, rows, m)[None, :]
+    return acc
+
+
+@triton.jit
+def _mix_vec(mix_ptr, v, N: tl.constexpr, NP: tl.constexpr):
+    """(A @ v) for a [NP] vector v."""
+    rows = tl.arange(0, NP)
+    acc = tl.zeros_like(v)
+    for m in range(N):
+        a = tl.load(mix_ptr + rows * N + m, mask=rows < N, other=0.0)
+        acc += a * tl.sum(tl.where(rows == m, v, 0.0), axis=0)
+    return acc
+
+
+@triton.jit
+def _stats_chunk(X, mask, offs, y, inv_T, mT, lT, m1, l1, pick, acc_w, acc_t, mixw_ptr, mixt_ptr,
+                 N: tl.constexpr, NP: tl.constexpr, TEACHER: tl.constexpr):
+    """Pass 1 on one chunk: online softmax statistics at T and at 1, label logit, KL expectations."""
+    Y = X * inv_T
+    Xm = tl.where(mask[None, :], X, float("-inf"))
+    mT_new = tl.maximum(mT, tl.max(Xm, axis=1) * inv_T)
+    alpha = tl.exp(mT - mT_new)
+    eT = tl.where(mask[None, :], tl.exp(Y - mT_new[:, None]), 0.0)
+    lT = lT * alpha + tl.sum(eT, axis=1)
+    m1_new = tl.maximum(m1, tl.max(Xm, axis=1))
+    e1 = tl.where(mask[None, :], tl.exp(X - m1_new[:, None]), 0.0)
+    l1 = l1 * tl.exp(m1 - m1_new) + tl.sum(e1, axis=1)
+    pick += tl.sum(tl.where(offs[None, :] == y, X, 0.0), axis=1)
+    acc_w = acc_w * alpha + tl.sum(eT * _mix(mixw_ptr, Y, N, NP), axis=1)
+    if TEACHER == 2:  # analytic.TEACHER_OWN: the teacher-side mixing differs from the loss mixing
+        acc_t = acc_t * alpha + tl.sum(eT * _mix(mixt_ptr, Y, N, NP), axis=1)
+    return mT_new, lT, m1_new, l1, pick, acc_w, acc_t
+
+
+@triton.jit
+def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr, ens_col_ptr,
+                ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, out_offs,
+                M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
+                SP: tl.constexpr, TEACHER: tl.constexpr):
+    """Pass 2 on one chunk: dL/dnode, then back through the ensembles; stores dL/dz, returns dL/dg."""
+    rows = tl.arange(0, NP)
+    jw = tl.arange(0, WP)
+    cols = tl.arange(0, SP)
+    Y = X * inv_T
+    P = tl.where(mask[None, :], tl.exp(Y - lseT[:, None]), 0.0)
+    Q = tl.where(mask[None, :], tl.exp(X - lse1[:, None]), 0.0)
+    onehot = tl.where(offs == y, 1.0, 0.0)
+    D = (ce_w * inv_B)[:, None] * (Q - onehot[None, :])
+    D += coef * _mix(mixs_ptr, P, N, NP)
+    if TEACHER != 0:  # not analytic.TEACHER_NONE
+        D += coef * P * (_mix(mixt_ptr, Y, N, NP) - e_t[:, None])
+    for kk in range(n_ens):
+        k = n_ens - 1 - kk
+        col = tl.load(ens_col_ptr + k)
+        width = tl.load(ens_w_ptr + k)
+        g = _gates(s_row, col, width, jw)
+        a = _row(D, rows, M + k)
+        for j in range(width):
+            src = tl.load(ens_in_ptr + k * WMAX + j)
+            gj = tl.sum(tl.where(jw == j, g, 0.0), axis=0)
+            D += tl.where(rows[:, None] == src, gj * a[None, :], 0.0)
+            dg = tl.where(cols == col + j, dg + tl.sum(a * _row(X, rows, src), axis=0), dg)
+    for i in tl.static_range(M):
+        p = _pick(i, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7)
+        tl.store(p + out_offs, _row(D, rows, i).to(p.dtype.element_ty), mask=mask)
+    return dg
+
+
+@triton.jit
+def _okd_fused_kernel(
+    z0, z1, z2, z3, z4, z5, z6, z7,            # branch logits, B x K contiguous (unused slots repeat z0)
+    dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
+    s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
+    ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
+    K, S, n_ens, T, inv_T, inv_B,
+    M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
+    SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, NP)
+    node_ok = rows < N
+    y = tl.load(labels_ptr + row).to(tl.int32)
+    s_row = s_ptr + row * S
+    base = row * K
+    ar = tl.arange(0, BK)
+
+    # ---- pass 1: statistics
+    mT = tl.full([NP], float("-inf"), tl.float32)
+    m1 = tl.full([NP], float("-inf"), tl.float32)
+    lT = tl.zeros([NP], tl.float32)
+    l1 = tl.zeros([NP], tl.float32)
+    pick = tl.zeros([NP], tl.float32)
+    acc_w = tl.zeros([NP], tl.float32)
+    acc_t = tl.zeros([NP], tl.float32)
+    if ONE_CHUNK:
+        mask = ar < K
+        X = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + ar, mask, s_row, ens_in_ptr, ens_col_ptr, ens_w_ptr,
+                   n_ens, M, NP, WMAX, WP, BK)
+        mT, lT, m1, l1, pick, acc_w, acc_t = _stats_chunk(X, mask, ar, y, inv_T, mT, lT, m1, l1, pick, acc_w,
+                                                          acc_t, mixw_ptr, mixt_ptr, N, NP, TEACHER)
+    else:
+        for c0 in range(0, K, BK):
+            offs = c0 + ar
+            mask = offs < K
+            Xc = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + offs, mask, s_row, ens_in_ptr, ens_col_ptr,
+                        ens_w_ptr, n_ens, M, NP, WMAX, WP, BK)
+            mT, lT, m1, l1, pick, acc_w, acc_t = _stats_chunk(Xc, mask, offs, y, inv_T, mT, lT, m1, l1, pick,
+                                                              acc_w, acc_t, mixw_ptr, mixt_ptr, N, NP, TEACHER)
+    lT = tl.where(node_ok, lT, 1.0)
+    l1 = tl.where(node_ok, l1, 1.0)
+    lseT = tl.where(node_ok, mT + tl.log(lT), 0.0)           # log-sum-exp of x / T, per node
+    lse1 = tl.where(node_ok, m1 + tl.log(l1), 0.0)           # log-sum-exp of x
+    ce_w = tl.load(ce_ptr + rows, mask=node_ok, other=0.0)
+    ce_row = tl.sum(ce_w * (lse1 - pick), axis=0)
+    # sum_n <p_n, (A_w logp)_n> = sum_n E_{p_n}[(A_w y)_n] - (A_w lseT)_n
+    e_w = tl.where(node_ok, acc_w / lT, 0.0)
+    kd_row = T * T * tl.sum(e_w - _mix_vec(mixw_ptr, lseT, N, NP), axis=0)
+    tl.store(part_ptr + row * 2, ce_row)
+    tl.store(part_ptr + row * 2 + 1, kd_row)
+
+    # ---- pass 2: gradients
+    if NEED_GRAD:
+        coef = tl.load(kd_scale_ptr).to(tl.float32) * T * inv_B
+        e_t = e_w
+        if TEACHER == 2:
+            e_t = tl.where(node_ok, acc_t / lT, 0.0)
+        dg = tl.zeros([SP], tl.float32)
+        if ONE_CHUNK:
+            dg = _grad_chunk(X, mask, ar, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr,
+                             ens_col_ptr, ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B,
+                             dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, base + ar, M, N, NP, WMAX, WP, SP, TEACHER)
+        else:
+            for c0 in range(0, K, BK):
+                offs = c0 + ar
+                mask = offs < K
+                Xc = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + offs, mask, s_row, ens_in_ptr, ens_col_ptr,
+                            ens_w_ptr, n_ens, M, NP, WMAX, WP, BK)
+                dg = _grad_chunk(Xc, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr,
+                                 ens_col_ptr, ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B,
+                                 dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, base + offs, M, N, NP, WMAX, WP, SP,
+                                 TEACHER)
+        # softmax backward of every fusion's scores
+        jw = tl.arange(0, WP)
+        cols = tl.arange(0, SP)
+        for k in range(n_ens):
+            col = tl.load(ens_col_ptr + k)
+            width = tl.load(ens_w_ptr + k)
+            g = _gates(s_row, col, width, jw)
+            dgk = tl.sum(tl.where(cols[None, :] == col + jw[:, None], dg[None, :], 0.0), axis=1)
+            dsk = g * (dgk - tl.sum(g * dgk, axis=0))
+            tl.store(ds_ptr + row * S + col + jw, dsk.to(ds_ptr.dtype.element_ty), mask=jw < width)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+TILE_ELEMENTS = 8192           # NP * BK per program on a GPU (registers); see notes
+TILE_ELEMENTS_INTERPRET = 1 << 16  # the interpreter runs numpy per op: bigger tiles, fewer ops
+
+
+def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, enc: GraphTensors,
+                     T: float, need_grad: bool = True, block_k: int | None = None):
+    """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``.
+
+    ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16); ``scores``: contiguous
+    ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on the same device.
+    ``block_k`` overrides the chunk width (a power of two; tests use it to force chunking).
+    """
+    dev = z[0].device
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before import "
+                           "(use backend='compiled' on CPU)")
+    M, N = enc.num_branches, enc.num_nodes
+    if M > MAX_BRANCHES:
+        raise ValueError(f"logits: backend 'triton' supports up to {MAX_BRANCHES} branches, got {M}")
+    B, K = z[0].shape
+    S = scores.shape[1]
+    NP = _next_pow2(N)
+    tile = TILE_ELEMENTS_INTERPRET if dev.type == "cpu" else TILE_ELEMENTS
+    BK = block_k or min(_next_pow2(K), max(16, tile // NP))
+    part = torch.empty((B, 2), dtype=torch.float32, device=dev)
+    if need_grad:
+        dz = [torch.empty_like(zi) for zi in z]
+        ds = torch.empty_like(scores)
+    else:
+        dz, ds = [], scores
+    zp = list(z) + [z[0]] * (MAX_BRANCHES - M)
+    dzp = (dz + [dz[0]] * (MAX_BRANCHES - M)) if need_grad else zp
+    s_arg = scores if S > 0 else part  # any valid pointer when there are no ensembles
+    num_warps = 4 if NP * BK <= 4096 else 8 if NP * BK <= 8192 else 16
+    _okd_fused_kernel[(B,)](
+        *zp, *dzp, s_arg, ds if S > 0 else part, labels, kd_scale, part,
+        enc.ens_inputs, enc.ens_col, enc.ens_width, enc.ce_count, enc.mix_w, enc.mix_t, enc.mix_s,
+        K, S, enc.num_ensembles, float(T), 1.0 / float(T), 1.0 / B,
+        M=M, N=N, NP=NP, WMAX=enc.max_width, WP=_next_pow2(enc.max_width), SP=_next_pow2(max(S, 1)), BK=BK,
+        TEACHER=enc.teacher_mode, ONE_CHUNK=K <= BK, NEED_GRAD=need_grad, num_warps=num_warps)
+    terms = part.sum(0) * (1.0 / B)                       # [ce, kd]
+    loss = terms[0] + kd_scale.reshape(()).to(torch.float32) * terms[1]
+    return loss, terms, dz, (ds if need_grad else torch.zeros_like(scores))
+
+
+# Notes
+# - Tile size. NP * BK <= TILE_ELEMENTS keeps the node tile (and the few [NP, BK] temporaries) in
+#   registers; num_warps grows with the tile. For ImageNet K = 1000 and M <= 4 (NP = 8) a row is one chunk,
+#   read from HBM once; larger K takes two passes over the branch logits (the second mostly hits L2).
+#   These are first guesses written without a GPU at hand: tune them with benchmarks/objective_table.py.
+# - _row/_mix select rows with masked sums; with NP <= 16 that costs O(NP) per element and keeps every
+#   index a runtime value, so one compiled kernel serves all graphs with the same (M, N, widths).
+# - TEACHER_NONE / _SAME / _OWN (analytic.py) skip or share the teacher-side mixing at compile time.
+# - KL is exact (log_target); the AHBF reference code adds 1e-7 to the teacher probabilities (SPEC 4).
