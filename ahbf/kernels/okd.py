@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .analytic import encode_graph, okd_analytic, score_matrix
+from .analytic import GraphTensors, encode_graph, okd_analytic, score_matrix
 from .graph import DistillGraph, Ensemble, KLEdge
 from .reference import check_inputs, okd_objective_reference
 
@@ -67,16 +67,20 @@ def graph_from_args(ints: tuple[int, ...], floats: tuple[float, ...]) -> Distill
 
 # ---- the compiled analytic formulation, one per graph
 
-_COMPILED: dict[tuple[DistillGraph, int, bool], object] = {}
+_COMPILED: dict[tuple[GraphTensors, bool], object] = {}
 
 
-def _compiled_fn(graph: DistillGraph, teacher_mode: int, need_grad: bool):
-    key = (graph, teacher_mode, need_grad)
-    fn = _COMPILED.get(key)
+def _compiled_fn(enc: GraphTensors, need_grad: bool):
+    """``torch.compile`` of the analytic formulation for one (cached) graph encoding.
+
+    All of these share one code object, so dynamo's per-function recompile limit (8 by default)
+    counts graphs x dtypes x need_grad x shape changes together; past it the op runs the same
+    formulation uncompiled (correct, slower) with a warning.
+    """
+    fn = _COMPILED.get((enc, need_grad))
     if fn is None:
-        fn = torch.compile(functools.partial(okd_analytic, graph=graph, teacher_mode=teacher_mode,
-                                             need_grad=need_grad))
-        _COMPILED[key] = fn
+        fn = torch.compile(functools.partial(okd_analytic, enc=enc, need_grad=need_grad))
+        _COMPILED[(enc, need_grad)] = fn
     return fn
 
 
@@ -96,10 +100,9 @@ def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor,
         loss, terms, dz, ds = triton_okd.okd_fused_triton(list(z), scores, labels, kd_scale.reshape(1), enc, T,
                                                           need_grad)
     else:
-        fn = (_compiled_fn(graph, enc.teacher_mode, need_grad) if impl == "compiled" else
-              functools.partial(okd_analytic, graph=graph, teacher_mode=enc.teacher_mode, need_grad=need_grad))
-        loss, ce, kd, dz, ds = fn(list(z), scores, labels, T, kd_scale.reshape(()), enc.ce_count, enc.mix_w,
-                                  enc.mix_t, enc.mix_s)
+        fn = (_compiled_fn(enc, need_grad) if impl == "compiled" else
+              functools.partial(okd_analytic, enc=enc, need_grad=need_grad))
+        loss, ce, kd, dz, ds = fn(list(z), scores, labels, T, kd_scale.reshape(()))
         terms = torch.stack([ce, kd])
     return [loss, terms, *dz, ds] if need_grad else [loss, terms]
 

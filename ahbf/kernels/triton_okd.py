@@ -71,7 +71,7 @@ def _row(X, rows, n):
 def _gates(s_row, col, width, jw):
     """softmax over the score columns col .. col + width - 1 of this row, as a [WP] vector."""
     v = tl.load(s_row + col + jw, mask=jw < width, other=float("-inf")).to(tl.float32)
-    e = tl.where(jw < width, tl.exp(v - tl.max(v, axis=0)), 0.0)
+    e = tl.exp(v - tl.max(v, axis=0))  # masked columns: exp(-inf) = 0
     return e / tl.sum(e, axis=0)
 
 
@@ -130,10 +130,10 @@ def _stats_chunk(X, mask, offs, y, inv_T, mT, lT, m1, l1, pick, acc_w, acc_t, mi
     Xm = tl.where(mask[None, :], X, float("-inf"))
     mT_new = tl.maximum(mT, tl.max(Xm, axis=1) * inv_T)
     alpha = tl.exp(mT - mT_new)
-    eT = tl.where(mask[None, :], tl.exp(Y - mT_new[:, None]), 0.0)
+    eT = tl.exp(tl.where(mask[None, :], Y - mT_new[:, None], float("-inf")))
     lT = lT * alpha + tl.sum(eT, axis=1)
     m1_new = tl.maximum(m1, tl.max(Xm, axis=1))
-    e1 = tl.where(mask[None, :], tl.exp(X - m1_new[:, None]), 0.0)
+    e1 = tl.exp(tl.where(mask[None, :], X - m1_new[:, None], float("-inf")))
     l1 = l1 * tl.exp(m1 - m1_new) + tl.sum(e1, axis=1)
     pick += tl.sum(tl.where(offs[None, :] == y, X, 0.0), axis=1)
     acc_w = acc_w * alpha + tl.sum(eT * _mix(mixw_ptr, Y, N, NP), axis=1)
@@ -152,8 +152,8 @@ def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row,
     jw = tl.arange(0, WP)
     cols = tl.arange(0, SP)
     Y = X * inv_T
-    P = tl.where(mask[None, :], tl.exp(Y - lseT[:, None]), 0.0)
-    Q = tl.where(mask[None, :], tl.exp(X - lse1[:, None]), 0.0)
+    P = tl.exp(tl.where(mask[None, :], Y - lseT[:, None], float("-inf")))   # softmax(x / T), 0 off the row
+    Q = tl.exp(tl.where(mask[None, :], X - lse1[:, None], float("-inf")))  # softmax(x)
     onehot = tl.where(offs == y, 1.0, 0.0)
     D = (ce_w * inv_B)[:, None] * (Q - onehot[None, :])
     D += coef * _mix(mixs_ptr, P, N, NP)

@@ -1,0 +1,253 @@
+"""The fused OKD objective (ahbf/kernels/okd.py) against the eager reference evaluated in float64.
+
+The Triton kernel runs under TRITON_INTERPRET=1 on CPU (conftest sets it); sizes are kept small
+because the interpreter executes every tile op in numpy. Tolerances are relative to the largest
+reference value of each tensor (plus an elementwise rtol), per dtype.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ahbf.kernels import (BACKENDS, DistillGraph, Ensemble, KLEdge, ahbf_graph, dml_graph, okd_loss,
+                          okd_objective_reference, one_graph)
+from ahbf.kernels import triton_okd
+from ahbf.kernels.analytic import encode_graph, okd_analytic, score_matrix
+from tests.utils import assert_close
+
+# (dtype, atol relative to max |reference|, rtol)
+TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.bfloat16, 1e-2, 1e-2),
+    (torch.float16, 2e-3, 2e-3),
+]
+TOL = {dt: (atol, rtol) for dt, atol, rtol in TOLERANCES}
+
+MIXED = DistillGraph(  # a shared score, a repeated CE node, detached and non-detached edges, weights
+    "mixed", 3, (Ensemble((0, 1), 0), Ensemble((2, 3), 0)), (0, 0, 3, 4),
+    (KLEdge(0, 3, 0.5, False), KLEdge(1, 4, 2.0, True), KLEdge(4, 2, 1.0, False)))
+
+
+def make_inputs(graph, B, K, dtype=torch.float32, scale=3.0):
+    z = [(torch.randn(B, K) * scale).to(dtype) for _ in range(graph.num_branches)]
+    s = [torch.randn(B, w).to(dtype) for w in graph.score_widths]
+    y = torch.randint(0, K, (B,))
+    return z, s, y
+
+
+def reference64(z, s, y, graph, T, kd_scale, go):
+    """Eager objective on float64 copies of the (already rounded) inputs: loss, terms, grads."""
+    z64 = [t.detach().double().requires_grad_() for t in z]
+    s64 = [t.detach().double().requires_grad_() for t in s]
+    loss, terms = okd_objective_reference(z64, s64, y, graph, T, kd_scale)
+    grads = torch.autograd.grad(loss * go, z64 + s64)
+    return loss, terms, grads
+
+
+def run_fused(z, s, y, graph, T, kd_scale, go, backend):
+    z = [t.detach().clone().requires_grad_() for t in z]
+    s = [t.detach().clone().requires_grad_() for t in s]
+    loss, terms = okd_loss(z, s, y, graph, T, kd_scale, backend=backend)
+    grads = torch.autograd.grad(loss * go, z + s)
+    return loss, terms, grads
+
+
+def check_against_reference(z, s, y, graph, backend="triton", T=3.0, kd_scale=0.75, go=1.7):
+    dtype = z[0].dtype
+    atol, rtol = TOL[dtype]
+    ref_loss, ref_terms, ref_grads = reference64(z, s, y, graph, T, kd_scale, go)
+    loss, terms, grads = run_fused(z, s, y, graph, T, kd_scale, go, backend)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    for name, a, b in [("loss", loss, ref_loss), ("ce", terms["ce"], ref_terms["ce"]),
+                       ("kd", terms["kd"], ref_terms["kd"])]:
+        assert_close(a, b, rtol=1e-5, atol=1e-5 * abs(b.item()) + 1e-6, name=name)  # fp32 math for every dtype
+    names = [f"dz{i}" for i in range(len(z))] + [f"ds{j}" for j in range(len(s))]
+    for name, a, b, inp in zip(names, grads, ref_grads, list(z) + list(s)):
+        assert a.dtype == inp.dtype, f"{name}: gradient dtype {a.dtype} != input dtype {inp.dtype}"
+        assert_close(a, b, rtol=rtol, atol=atol * b.abs().max().item(), name=name)
+
+
+# ---- the Triton kernel (interpreted) against float64
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("M", range(2, 9))
+def test_ahbf_all_widths(M, detach):
+    g = ahbf_graph(M, lambda1=1.5, lambda2=0.5, detach_teacher=detach)
+    check_against_reference(*make_inputs(g, 4, 37), g)
+
+
+@pytest.mark.parametrize("graph", [one_graph(4), one_graph(4, detach_teacher=False), one_graph(8),
+                                   dml_graph(2), dml_graph(4), dml_graph(4, detach_teacher=False), MIXED],
+                         ids=["one4", "one4-nodetach", "one8", "dml2", "dml4", "dml4-nodetach", "mixed"])
+def test_one_dml_mixed(graph):
+    check_against_reference(*make_inputs(graph, 4, 37), graph)
+
+
+@pytest.mark.parametrize("B,K", [(6, 10), (6, 100), (4, 1000), (4, 1003), (2, 21843)])
+def test_class_counts(B, K):
+    g = ahbf_graph(4)
+    check_against_reference(*make_inputs(g, B, K), g)
+
+
+@pytest.mark.parametrize("graph", [ahbf_graph(4), ahbf_graph(3, detach_teacher=True), one_graph(3), dml_graph(3),
+                                   MIXED], ids=["ahbf4", "ahbf3-detach", "one3", "dml3", "mixed"])
+def test_chunked_online_softmax(graph, monkeypatch):
+    """Tiny tiles force many chunks (K = 100 in chunks of 16): the online-softmax path of both passes."""
+    monkeypatch.setattr(triton_okd, "TILE_ELEMENTS_INTERPRET", 128)
+    check_against_reference(*make_inputs(graph, 3, 100), graph)
+
+
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+def test_dtypes_non_power_of_two(dtype):
+    """41 x 1003, grad_output != 1, in every input dtype (math in fp32, gradients in the input dtype)."""
+    g = ahbf_graph(4)
+    check_against_reference(*make_inputs(g, 41, 1003, dtype), g, go=-2.5, kd_scale=1.3)
+
+
+def test_extreme_logits():
+    g = ahbf_graph(4)
+    z, s, y = make_inputs(g, 4, 300)
+    z[0] = z[0] * 3e3                       # |z| up to ~1e4
+    z[1] = z[1] - 1e4                       # large negative values
+    z[2][:, :5] = 1e4
+    z[3][:, 7] = -1e4
+    s[0] = s[0] * 50.0                      # saturated gates
+    loss, terms, grads = run_fused(z, s, y, g, 3.0, 0.75, 1.0, "triton")
+    assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in grads)
+    ref_loss, _, ref_grads = reference64(z, s, y, g, 3.0, 0.75, 1.0)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=0.0, name="loss")
+    for i, (a, b) in enumerate(zip(grads[:4], ref_grads[:4])):
+        assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), name=f"dz{i}")
+    # score gradients are differences of dot products <dL/de, x> of size |x| ~ 1e4 times |dL/de|, so fp32
+    # rounding of that scale is the floor: measure them against the largest score gradient
+    scale = max(b.abs().max().item() for b in ref_grads[4:])
+    for j, (a, b) in enumerate(zip(grads[4:], ref_grads[4:])):
+        assert_close(a, b, rtol=0, atol=1e-4 * scale, name=f"ds{j}")
+
+
+def test_non_contiguous_inputs():
+    g = ahbf_graph(3)
+    B, K = 5, 33
+    z = [torch.randn(K, B).t() * 3 for _ in range(3)]               # transposed views
+    s = [torch.randn(B, 4)[:, ::2] for _ in range(2)]               # strided columns
+    y = torch.randint(0, K, (B,))
+    assert not z[0].is_contiguous() and not s[0].is_contiguous()
+    check_against_reference(z, s, y, g)
+
+
+def test_kd_scale_tensor_and_float_agree_and_kd_scale_gets_its_gradient():
+    g = ahbf_graph(3)
+    z, s, y = make_inputs(g, 4, 20)
+    lf, _ = okd_loss(z, s, y, g, kd_scale=0.4, backend="triton")
+    ks = torch.tensor(0.4, requires_grad=True)
+    lt, terms = okd_loss(z, s, y, g, kd_scale=ks, backend="triton")
+    assert_close(lt, lf, rtol=0, atol=0, name="loss")
+    (grad,) = torch.autograd.grad(2 * lt, ks)
+    assert_close(grad, 2 * terms["kd"], rtol=1e-6, atol=0, name="dL/dkd_scale")
+
+
+def test_no_grad_computes_the_loss_only():
+    g = one_graph(3)
+    z, s, y = make_inputs(g, 4, 20)
+    ref, _ = okd_objective_reference(z, s, y, g)
+    with torch.no_grad():
+        loss, _ = okd_loss(z, s, y, g, backend="triton")
+    assert not loss.requires_grad
+    assert_close(loss, ref, rtol=1e-6, atol=0, name="loss")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda z, s, y: (z[:2], s, y), "logits"),
+    (lambda z, s, y: ([z[0], z[1][:, :5], z[2]], s, y), "logits"),
+    (lambda z, s, y: (z, [s[0], s[1][:, :1]], y), "scores"),
+    (lambda z, s, y: (z, s[:1], y), "scores"),
+    (lambda z, s, y: (z, s, y[:2]), "labels"),
+])
+def test_bad_shapes_raise_one_line_value_error(bad, match):
+    g = ahbf_graph(3)
+    z, s, y = make_inputs(g, 4, 10)
+    for backend in ("triton", "compiled"):
+        with pytest.raises(ValueError, match=match) as info:
+            okd_loss(*bad(z, s, y), g, backend=backend)
+        assert "\n" not in str(info.value)
+
+
+def test_unknown_backend():
+    g = ahbf_graph(2)
+    with pytest.raises(ValueError, match="backend"):
+        okd_loss(*make_inputs(g, 2, 5), g, backend="cuda")
+    assert BACKENDS == ("auto", "triton", "compiled", "eager")
+
+
+# ---- the analytic formulation (uncompiled), the custom op's registrations, the compiled backend
+
+@pytest.mark.parametrize("graph", [ahbf_graph(5), ahbf_graph(4, detach_teacher=True), one_graph(5),
+                                   dml_graph(3, detach_teacher=False), MIXED])
+def test_analytic_formulation_matches_float64(graph):
+    z, s, y = make_inputs(graph, 5, 23, torch.float64)
+    ref_loss, ref_terms, ref_grads = reference64(z, s, y, graph, 2.0, 0.6, 1.0)
+    enc = encode_graph(graph, "cpu")
+    s_leaf = [t.clone().requires_grad_() for t in s]
+    scores = score_matrix(s_leaf, graph, z[0])
+    loss, ce, kd, dz, ds = okd_analytic(z, scores.detach(), y, 2.0, torch.tensor(0.6, dtype=torch.float64), enc=enc)
+    dsl = torch.autograd.grad(scores, s_leaf, ds) if s else ()
+    assert_close(loss, ref_loss, rtol=1e-12, atol=0, name="loss")
+    for i, (a, b) in enumerate(zip(list(dz) + list(dsl), ref_grads)):
+        assert_close(a, b, rtol=1e-10, atol=1e-14, name=f"grad{i}")
+
+
+def test_custom_op_registrations():
+    g = ahbf_graph(3)
+    z, s, y = make_inputs(g, 3, 11)
+    from ahbf.kernels.okd import graph_to_args, okd_fused
+    ints, floats = graph_to_args(g)
+    scores = score_matrix(s, g, z[0]).contiguous().requires_grad_()
+    z = [t.requires_grad_() for t in z]
+    for impl in ("analytic", "triton"):
+        args = (z, scores, y, torch.tensor(0.5), ints, floats, 3.0, impl, True)
+        torch.library.opcheck(okd_fused, args, test_utils=("test_schema", "test_autograd_registration",
+                                                            "test_faketensor"))
+
+
+def test_compiled_backend_and_torch_compile():
+    """The CPU default: torch.compile of the analytic formulation; also inside a torch.compile'd step."""
+    g = ahbf_graph(4)
+    z, s, y = make_inputs(g, 8, 50)
+    check_against_reference(z, s, y, g, backend="compiled")
+
+    @torch.compile(fullgraph=True)
+    def step(z, s, y, kd_scale):
+        loss, terms = okd_loss(z, s, y, g, 3.0, kd_scale, backend="auto")
+        return 1.7 * loss, terms["kd"]
+
+    for kd_scale in (0.75, 0.2):  # kd_scale changes every epoch: a tensor, no recompile
+        zl = [t.detach().clone().requires_grad_() for t in z]
+        sl = [t.detach().clone().requires_grad_() for t in s]
+        loss, kd = step(zl, sl, y, torch.tensor(kd_scale))
+        grads = torch.autograd.grad(loss, zl + sl)
+        ref_loss, ref_terms, ref_grads = reference64(z, s, y, g, 3.0, kd_scale, 1.7)
+        assert_close(loss, 1.7 * ref_loss, rtol=1e-5, atol=0, name="loss")
+        assert_close(kd, ref_terms["kd"], rtol=1e-5, atol=0, name="kd")
+        for i, (a, b) in enumerate(zip(grads, ref_grads)):
+            assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), name=f"grad{i}")
+
+
+def test_import_without_triton():
+    """``import ahbf.kernels`` works without triton; backend 'triton' then fails with a clear error."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, ahbf.kernels as k, ahbf.kernels.okd as okd\n"
+        "okd.TRITON_AVAILABLE = False\n"
+        "g = k.ahbf_graph(2); z = [torch.randn(2, 5) for _ in range(2)]; s = [torch.randn(2, 2)]\n"
+        "assert k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='eager')[0].isfinite()\n"
+        "assert okd.resolve_backend('auto', z[0]) == 'compiled'\n"
+        "try:\n"
+        "    k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e); print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
