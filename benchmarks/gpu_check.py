@@ -1,0 +1,127 @@
+"""One call on a CUDA machine: native Triton correctness vs float64, then the timing table.
+
+    python benchmarks/gpu_check.py                 # CUDA: checks + objective_table (fp32, then bf16)
+    python benchmarks/gpu_check.py --no-table      # checks only
+
+Checks: ``okd_loss(..., backend="triton")`` (and ``compiled`` for a few cases) against the eager
+objective evaluated in float64 on the same device: loss, CE, KD and the gradient of every branch logit
+and score tensor, for AHBF M = 2..8 (teacher detached or not), ONE, DML, K = 10 .. 21843, fp32 / bf16 /
+fp16, a 41 x 1003 non-power-of-two shape, grad_output != 1, extreme logits, and a torch.compile'd step.
+Error = max |fused - ref| / max |ref| per tensor; limits as in tests/test_kernel_okd.py.
+Exit status 1 if any check fails.
+
+Without CUDA it runs a few small checks through the Triton interpreter on CPU (degraded mode) and
+skips the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (lazily, by the op)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ahbf.kernels import ahbf_graph, dml_graph, okd_loss, okd_objective_reference, one_graph  # noqa: E402
+
+LIMITS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # gradients; loss terms: 1e-5
+
+
+def inputs(graph, B, K, dtype, device, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = [(scale * torch.randn(B, K, generator=gen)).to(device, dtype) for _ in range(graph.num_branches)]
+    s = [torch.randn(B, w, generator=gen).to(device, dtype) for w in graph.score_widths]
+    y = torch.randint(0, K, (B,), generator=gen).to(device)
+    return z, s, y
+
+
+def errors(graph, z, s, y, backend, go=1.7, kd_scale=0.75, T=3.0, compiled_step=False):
+    """Max relative errors of (loss, ce, kd, grads...) vs the float64 eager objective."""
+    z64 = [t.double().requires_grad_() for t in z]
+    s64 = [t.double().requires_grad_() for t in s]
+    ref, ref_terms = okd_objective_reference(z64, s64, y, graph, T, kd_scale)
+    ref_grads = torch.autograd.grad(ref * go, z64 + s64)
+    zl = [t.clone().requires_grad_() for t in z]
+    sl = [t.clone().requires_grad_() for t in s]
+    if compiled_step:
+        fn = torch.compile(lambda a, b, c, k: okd_loss(a, b, c, graph, T, k, backend=backend), fullgraph=True)
+        loss, terms = fn(zl, sl, y, torch.tensor(kd_scale, device=y.device))
+    else:
+        loss, terms = okd_loss(zl, sl, y, graph, T, kd_scale, backend=backend)
+    grads = torch.autograd.grad(loss * go, zl + sl)
+
+    def rel(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+    scalars = max(rel(loss, ref), rel(terms["ce"], ref_terms["ce"]), rel(terms["kd"], ref_terms["kd"]))
+    return finite, scalars, max(rel(a, b) for a, b in zip(grads, ref_grads))
+
+
+def run_checks(device: str, small: bool) -> bool:
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    cases = []  # (name, graph, B, K, dtype, backend, kwargs)
+    for M in range(2, 9):
+        for detach in (False, True):
+            cases.append((f"ahbf M={M} detach={detach}", ahbf_graph(M, detach_teacher=detach), 16, 100, f32, {}))
+    for name, g in [("one M=4", one_graph(4)), ("one M=8 no-detach", one_graph(8, detach_teacher=False)),
+                    ("dml M=4", dml_graph(4)), ("dml M=4 no-detach", dml_graph(4, detach_teacher=False))]:
+        cases.append((name, g, 16, 100, f32, {}))
+    for B, K in [(64, 10), (64, 100), (256, 1000), (32, 1003), (8, 21843), (4, 100000)]:
+        cases.append((f"ahbf M=4 B={B} K={K}", ahbf_graph(4), B, K, f32, {}))
+    for dt in (f32, bf16, f16):
+        cases.append((f"ahbf M=4 41x1003 {dt} go=-2.5", ahbf_graph(4), 41, 1003, dt, {"go": -2.5}))
+        cases.append((f"ahbf M=8 128x1000 {dt}", ahbf_graph(8), 128, 1000, dt, {}))
+    cases.append(("ahbf M=4 extreme logits", ahbf_graph(4), 16, 1000, f32, {"scale": 3e3}))
+    if small:  # interpreter on CPU: a handful
+        cases = [c for c in cases if c[2] * c[3] <= 16 * 100][:6]
+    ok = True
+    print(f"{'case':45s} {'backend':9s} finite  loss/ce/kd err  grad err  limit")
+    backends = ["triton"] + (["compiled"] if not small else [])
+    for name, g, B, K, dt, kw in cases:
+        go = kw.get("go", 1.7)
+        z, s, y = inputs(g, B, K, dt, device, scale=kw.get("scale", 3.0))
+        for backend in backends:
+            if backend == "compiled" and (dt != f32 or B * K > 256 * 1000 or "detach=True" in name):
+                continue
+            finite, e_scalar, e_grad = errors(g, z, s, y, backend, go=go)
+            limit = LIMITS[dt] * (100 if "extreme" in name else 1)  # |z| ~ 1e4: eager fp32 is off by ~3e-4 too
+            good = finite and e_scalar < 1e-5 * (10 if "extreme" in name else 1) and e_grad < limit
+            ok &= good
+            print(f"{name:45s} {backend:9s} {str(finite):6s}  {e_scalar:14.2e}  {e_grad:8.2e}  {limit:.0e}"
+                  f"  {'ok' if good else 'FAIL'}", flush=True)
+    g = ahbf_graph(4)
+    z, s, y = inputs(g, 64, 1000, f32, device)
+    for backend in backends:
+        finite, e_scalar, e_grad = errors(g, z, s, y, backend, compiled_step=True)
+        good = finite and e_scalar < 1e-5 and e_grad < 1e-5
+        ok &= good
+        print(f"{'torch.compile(fullgraph) step, ahbf M=4':45s} {backend:9s} {str(finite):6s}  {e_scalar:14.2e}  "
+              f"{e_grad:8.2e}  1e-05  {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-table", action="store_true", help="correctness checks only")
+    args = ap.parse_args()
+    device = "cuda" if CUDA else "cpu"
+    print(f"device: {torch.cuda.get_device_name() if CUDA else 'cpu (no CUDA: Triton interpreter, small checks)'}")
+    ok = run_checks(device, small=not CUDA)
+    print("correctness:", "ALL OK" if ok else "FAILURES")
+    if CUDA and not args.no_table:
+        import objective_table
+        objective_table.main(["--device", "cuda"])
+        objective_table.main(["--device", "cuda", "--dtype", "bfloat16", "--methods", "ahbf",
+                              "--out", os.path.join(objective_table.RESULTS, "objective_cuda_bf16.json")])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Fused vs unfused OKD objective, forward + backward, timed side by side in one run.
+
+    python benchmarks/objective_table.py                    # CPU: eager vs compiled
+    python benchmarks/objective_table.py --device cuda      # eager vs compiled vs triton, + HBM floor
+
+Paths: ``eager`` is ``okd_objective_reference`` (autograd through unfused PyTorch ops); ``compiled`` and
+``triton`` are ``okd_loss(..., backend=...)``. One step = the objective's forward and the gradients of
+the loss w.r.t. every branch logit and score tensor (``torch.autograd.grad``). Each path is warmed up
+(compiles included) and then timed in ``--rounds`` blocks of ``--reps`` steps, the paths' blocks
+alternating so that load from other processes hits every path alike; each step is timed between
+device syncs. Reported: median and the 25-75 % spread of all steps, the ratio of medians vs eager,
+the kernels (CUDA) or operators (CPU) one step launches (torch.profiler), and on CUDA the HBM floor
+(bytes the step must read and write / measured device copy bandwidth). Every result records the device,
+CPU, threads, versions, date and command. Output: benchmarks/results/objective_<device>.json and .md.
+
+The setup factory :func:`make_case` and :func:`make_step` are shared with ``bench_objective.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ahbf.kernels import DistillGraph, build_graph, okd_loss  # noqa: E402
+from ahbf.kernels.reference import okd_objective_reference  # noqa: E402  (the timed baseline is the checked one)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+T, KD_SCALE = 3.0, 0.75
+
+
+# ---- shared setup factory
+
+@dataclass
+class Case:
+    method: str
+    graph: DistillGraph
+    z: list[torch.Tensor]
+    s: list[torch.Tensor]
+    labels: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        B, K = self.z[0].shape
+        return f"{self.method} M={self.graph.num_branches} B={B} K={K}"
+
+
+def make_case(method: str, M: int, B: int, K: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+              seed: int = 0) -> Case:
+    """Leaf logits (x3 so that the softmaxes are not flat) and scores that require grad, and labels."""
+    graph = build_graph(method, M)
+    gen = torch.Generator().manual_seed(seed)
+    z = [(3 * torch.randn(B, K, generator=gen)).to(device, dtype).requires_grad_() for _ in range(M)]
+    s = [torch.randn(B, w, generator=gen).to(device, dtype).requires_grad_() for w in graph.score_widths]
+    labels = torch.randint(0, K, (B,), generator=gen).to(device)
+    return Case(method, graph, z, s, labels)
+
+
+def make_step(case: Case, path: str):
+    """One objective step (forward + gradients of every input) for ``path`` in eager/compiled/triton."""
+    leaves = case.z + case.s
+
+    if path == "eager":
+        def step():
+            loss, _ = okd_objective_reference(case.z, case.s, case.labels, case.graph, T, KD_SCALE)
+            return torch.autograd.grad(loss, leaves)
+    else:
+        def step():
+            loss, _ = okd_loss(case.z, case.s, case.labels, case.graph, T, KD_SCALE, backend=path)
+            return torch.autograd.grad(loss, leaves)
+    return step
+
+
+# ---- measurement
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device: str, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` steps, each between device syncs."""
+    out = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def count_launches(step, device: str) -> int:
+    """CUDA kernels (on CUDA) or outermost dispatched operators (on CPU) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    events = prof.events()
+    if device == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    n = 0
+    for e in events:
+        if not re.match(r"(aten|ahbf)::", e.name):
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if re.match(r"(aten|ahbf)::", parent.name):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        n += not nested
+    return n
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10 copies of 512 MiB."""
+    x = torch.empty(128 * 2 ** 20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    times = time_steps(lambda: y.copy_(x), device, 10)
+    return 2 * x.numel() * 4 / (statistics.median(times) / 1e3)
+
+
+def min_bytes(case: Case) -> int:
+    """What the fused step must move: read logits, scores, labels; write their gradients."""
+    z_bytes = sum(t.numel() * t.element_size() for t in case.z)
+    s_bytes = sum(t.numel() * t.element_size() for t in case.s)
+    return 2 * (z_bytes + s_bytes) + case.labels.numel() * case.labels.element_size()
+
+
+def summarize(ms: list[float]) -> dict:
+    q = statistics.quantiles(ms, n=4)
+    return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(ms), "n": len(ms)}
+
+
+def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, rounds: int,
+             bandwidth: float | None) -> dict:
+    steps = {p: make_step(case, p) for p in paths}
+    if any(p != "eager" for p in paths):
+        torch.compiler.reset()  # fresh static kernels for this shape, as in a training run
+    for p in paths:
+        time_steps(steps[p], device, warmup)
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for r in range(rounds):
+        order = paths if r % 2 == 0 else paths[::-1]
+        for p in order:
+            times[p] += time_steps(steps[p], device, reps)
+    row = {"method": case.method, "M": case.graph.num_branches, "B": case.z[0].shape[0], "K": case.z[0].shape[1],
+           "dtype": str(case.z[0].dtype).replace("torch.", ""), "paths": {}}
+    eager_median = statistics.median(times["eager"]) if "eager" in times else None
+    for p in paths:
+        stats = summarize(times[p])
+        stats["speedup_vs_eager"] = eager_median / stats["median_ms"] if eager_median else None
+        stats["launches"] = count_launches(steps[p], device)
+        if bandwidth:
+            floor_ms = min_bytes(case) / bandwidth * 1e3
+            stats["hbm_floor_ms"] = floor_ms
+            stats["x_floor"] = stats["median_ms"] / floor_ms
+        row["paths"][p] = stats
+    return row
+
+
+# ---- report
+
+def environment(device: str, threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cpu": cpu,
+           "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+           "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "command": "python " + " ".join(sys.argv)}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def markdown(result: dict) -> str:
+    env, rows = result["env"], result["rows"]
+    paths = list(rows[0]["paths"])
+    fused = [p for p in paths if p != "eager"]
+    head = ["case", "eager ms"] + [f"{p} ms" for p in fused] + [f"{p} speedup" for p in fused]
+    if env["device"] != "cpu":
+        head += [f"{p} x HBM floor" for p in fused] + ["HBM floor ms"]
+    head += [f"{'kernels' if env['device'] != 'cpu' else 'ops'} {p}" for p in paths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ps = r["paths"]
+        cell = [f"{r['method']} M={r['M']} B={r['B']} K={r['K']} {r['dtype']}"]
+        cell += [f"{ps[p]['median_ms']:.3f} [{ps[p]['p25_ms']:.3f}-{ps[p]['p75_ms']:.3f}]" for p in paths]
+        cell += [f"**{ps[p]['speedup_vs_eager']:.2f}x**" for p in fused]
+        if env["device"] != "cpu":
+            cell += [f"{ps[p]['x_floor']:.1f}" for p in fused] + [f"{ps[fused[0]]['hbm_floor_ms']:.4f}"]
+        cell += [str(ps[p]["launches"]) for p in paths]
+        lines.append("| " + " | ".join(cell) + " |")
+    info = (f"Device: {env['device']}; CPU: {env['cpu']} ({env['cpu_count']} cores, {env['threads']} threads); "
+            f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}; {env['date']}.")
+    if env.get("bandwidth_gbs"):
+        info += f" Measured copy bandwidth {env['bandwidth_gbs']:.0f} GB/s."
+    note = ("Forward + backward of the objective, milliseconds: median [25th-75th percentile] of "
+            f"{rows[0]['paths'][paths[0]]['n']} steps per path; speedup = eager median / fused median; "
+            "ops/kernels = outermost operators (CPU) or CUDA kernels launched by one step.")
+    return "\n".join([f"Command: `{env['command']}`", "", info, "", note, "", *lines, ""])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--methods", default="ahbf,one,dml", help="comma-separated: ahbf, one, dml")
+    ap.add_argument("--branches", type=int, default=4)
+    ap.add_argument("--batches", default="128,256")
+    ap.add_argument("--classes", default="100,1000")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10, help="timed steps per block")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per path")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--paths", default=None, help="default: eager,compiled on CPU; eager,compiled,triton on CUDA")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/objective_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    paths = args.paths.split(",") if args.paths else (["eager", "compiled"] + (["triton"] if device == "cuda" else []))
+    dtype = getattr(torch, args.dtype)
+    env = environment(device, torch.get_num_threads())
+    bandwidth = None
+    if device == "cuda":
+        bandwidth = copy_bandwidth(device)
+        env["bandwidth_gbs"] = bandwidth / 1e9
+    rows = []
+    for method in args.methods.split(","):
+        for B in map(int, args.batches.split(",")):
+            for K in map(int, args.classes.split(",")):
+                case = make_case(method, args.branches, B, K, device, dtype)
+                row = run_case(case, paths, device, args.warmup, args.reps, args.rounds, bandwidth)
+                rows.append(row)
+                ps = row["paths"]
+                print(case.name, " ".join(f"{p}={ps[p]['median_ms']:.3f}ms" for p in paths),
+                      " ".join(f"{p}:{ps[p]['speedup_vs_eager']:.2f}x" for p in paths if p != "eager"), flush=True)
+    result = {"env": env, "rows": rows}
+    tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
+    out = args.out or os.path.join(RESULTS, f"objective_{tag}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
