@@ -138,6 +138,18 @@ def test_non_contiguous_inputs():
     check_against_reference(z, s, y, g)
 
 
+def test_mixed_branch_dtypes_and_int32_labels():
+    g = ahbf_graph(3)
+    z, s, y = make_inputs(g, 4, 30)
+    z[1] = z[1].to(torch.bfloat16)
+    ref_loss, _, ref_grads = reference64(z, s, y, g, 3.0, 0.75, 1.0)
+    loss, _, grads = run_fused(z, s, y.int(), g, 3.0, 0.75, 1.0, "triton")
+    assert_close(loss, ref_loss, rtol=1e-5, atol=0, name="loss")
+    assert grads[1].dtype == torch.bfloat16 and grads[0].dtype == torch.float32
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item(), name=f"grad{i}")
+
+
 def test_kd_scale_tensor_and_float_agree_and_kd_scale_gets_its_gradient():
     g = ahbf_graph(3)
     z, s, y = make_inputs(g, 4, 20)

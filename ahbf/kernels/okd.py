@@ -124,6 +124,8 @@ def _setup_context(ctx, inputs, output):
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
     ctx.has_grads = need_grad
+    ctx.set_materialize_grads(False)          # only the loss is differentiable: no zero-filled grads for the rest
+    ctx.mark_non_differentiable(*output[1:])
     if need_grad:
         ctx.save_for_backward(*output[2:], output[1])
 
@@ -170,8 +172,11 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
             raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
         if z[0].dtype not in _TRITON_DTYPES:
             raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16, got {z[0].dtype}")
-    dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
-    z = [zi.to(dtype).contiguous() for zi in z]
+    if any(zi.dtype != z[0].dtype for zi in z):
+        dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
+        z = [zi.to(dtype) for zi in z]
+    z = [zi.contiguous() for zi in z]  # a copy only where a branch is not contiguous
+    labels = labels.long()
     scores = score_matrix(s, graph, z[0]).contiguous()
     if not isinstance(kd_scale, Tensor):
         kd_scale = torch.full((), float(kd_scale), device=z[0].device)  # a fill, no host-to-device copy
