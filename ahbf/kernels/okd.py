@@ -19,6 +19,7 @@ Inputs: non-contiguous logits or scores are copied to contiguous ones first; bra
 dtypes are promoted to a common dtype (both through autograd, so gradients flow back as usual).
 ``kd_scale`` may be a float or a 0-dim tensor: it enters the op as a tensor, so changing it every
 epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``.
+The gradients are constants of the forward: double backward (``create_graph=True``) is not supported.
 """
 from __future__ import annotations
 
@@ -119,8 +120,7 @@ def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    z, kd_scale, need_grad = inputs[0], inputs[3], inputs[8]
-    ctx.num_branches = len(z)
+    kd_scale, need_grad = inputs[3], inputs[8]
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
     ctx.has_grads = need_grad
@@ -167,19 +167,21 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     backend = resolve_backend(backend, z[0])
     if backend == "eager":
         return okd_objective_reference(z, s, labels, graph, T, kd_scale)
+    if any(zi.dtype != z[0].dtype for zi in z):
+        dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
+        z = [zi.to(dtype) for zi in z]
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
         if z[0].dtype not in _TRITON_DTYPES:
             raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16, got {z[0].dtype}")
-    if any(zi.dtype != z[0].dtype for zi in z):
-        dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
-        z = [zi.to(dtype) for zi in z]
     z = [zi.contiguous() for zi in z]  # a copy only where a branch is not contiguous
     labels = labels.long()
     scores = score_matrix(s, graph, z[0]).contiguous()
     if not isinstance(kd_scale, Tensor):
         kd_scale = torch.full((), float(kd_scale), device=z[0].device)  # a fill, no host-to-device copy
+    elif kd_scale.device != z[0].device:
+        kd_scale = kd_scale.to(z[0].device)  # one small copy: keep kd_scale on the logits' device
     ints, floats = graph_to_args(graph)  # a few list appends; the decoded encoding is cached
     need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
     out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad)
