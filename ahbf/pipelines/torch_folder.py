@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .scan import BadImageError, ImageSet, decode_problem, epoch_indices, mix_seed
 
+# Workers are started by a fork server, not forked from the trainer: a process that has run DALI pipelines
+# (thread pools, CUDA contexts) cannot be forked safely (workers then segfault or hang now and then).
+WORKER_START = "forkserver"
 _BAD_FILE = re.compile(r"^\S*BadImageError: bad image file (.+?): (.*)$", re.M)
 
 
@@ -96,7 +99,8 @@ class TorchFolderLoader:
         self.sampler = EpochSampler(len(images.samples), seed=seed, rank=rank, world_size=world_size, shuffle=train)
         self.loader = DataLoader(ImageListDataset(images, transform), batch_size=batch_size, sampler=self.sampler,
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
+                                 multiprocessing_context=WORKER_START if workers > 0 else None)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.num_samples = len(self.sampler)

@@ -1,0 +1,198 @@
+"""Images/s of the ImageNet-style train pipeline: DALI (CPU decoder, "mixed" on a GPU) vs the torchvision
+DataLoader, at equal worker threads, on generated ImageNet-sized JPEGs, measured side by side in one run.
+
+    python benchmarks/bench_pipeline.py --threads 2 --images 768 --repeats 5
+
+Rows: ``dali`` and ``torch`` are the loaders that ``build_data`` returns (ahbf.pipelines); ``torchvision``
+is the textbook loader (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in the workers).
+Each repeat runs one epoch of every row in turn (interleaved, so that load from other processes hits all
+rows alike); throughput is measured from the first batch to the last (steady state), and the time to the
+first batch (pipeline build, worker start, prefetch) is reported separately. The JPEGs are written to a
+temporary folder and deleted afterwards. Results: benchmarks/results/pipeline_<device>.json / .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ahbf.pipelines.dali import DaliFolderLoader, dali_available  # noqa: E402
+from ahbf.pipelines.folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ahbf.pipelines.scan import scan_folder  # noqa: E402
+from ahbf.pipelines.torch_folder import WORKER_START, TorchFolderLoader  # noqa: E402
+
+
+def make_jpegs(root: str, n: int, classes: int = 8, width: int = 500, height: int = 375, quality: int = 90) -> None:
+    """Photo-like JPEGs (smooth colour fields plus grain), ~75 KB each at 500 x 375, quality 90."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = os.path.join(root, f"class{i % classes:02d}")
+        os.makedirs(folder, exist_ok=True)
+        field = Image.fromarray((rng.random((12, 16, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(field, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.JPEG"), quality=quality)
+
+
+class TextbookLoader:
+    """The usual torchvision ImageNet train loader, float normalisation in the workers."""
+
+    def __init__(self, root: str, *, batch_size: int, size: int, workers: int, device):
+        from torchvision import datasets, transforms as T
+
+        tf = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.device = torch.device(device)
+        self.loader = torch.utils.data.DataLoader(datasets.ImageFolder(root, tf), batch_size=batch_size, shuffle=True,
+                                                  num_workers=workers, pin_memory=self.device.type == "cuda",
+                                                  persistent_workers=True, multiprocessing_context=WORKER_START)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last), y.to(self.device)
+
+
+def run_epoch(loader, epoch: int, device) -> tuple[float, float, int]:
+    """(seconds to the first batch, steady-state images/s after it, images) for one epoch."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    first, n, n_first = None, 0, 0
+    for x, _ in loader:
+        n += len(x)
+        if first is None:
+            sync()
+            first, n_first = time.perf_counter(), n
+    sync()
+    end = time.perf_counter()
+    return first - t0, (n - n_first) / (end - first), n
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def versions() -> dict:
+    import PIL
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "pillow": PIL.__version__}
+    if dali_available():
+        import nvidia.dali
+
+        out["nvidia-dali"] = nvidia.dali.__version__
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=768, help="generated JPEGs (500 x 375, quality 90)")
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=5, help="epochs per row (interleaved); the first is a warm-up")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", default="dali,torch,torchvision")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="ahbf_bench_jpegs_") as tmp:
+        t = time.perf_counter()
+        make_jpegs(tmp, args.images)
+        print(f"generated {args.images} JPEGs in {time.perf_counter() - t:.1f} s", flush=True)
+        images = scan_folder(tmp)
+        common = dict(train=True, batch_size=args.batch_size, size=args.size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      workers=args.threads, device=device)
+        factories = {
+            "dali": lambda: DaliFolderLoader(images, **common),
+            "torch": lambda: TorchFolderLoader(images, **common),
+            "torchvision": lambda: TextbookLoader(tmp, batch_size=args.batch_size, size=args.size,
+                                                  workers=args.threads, device=device),
+        }
+        rows = [r for r in args.rows.split(",") if r]
+        loaders = {r: factories[r]() for r in rows}
+        runs = {r: [] for r in rows}
+        for rep in range(args.repeats):
+            for r in rows:
+                first, ips, n = run_epoch(loaders[r], rep, device)
+                runs[r].append((first, ips))
+                print(f"  repeat {rep} {r:12s} {ips:7.1f} img/s  (first batch after {first:.2f} s)", flush=True)
+    decoder = "mixed (GPU)" if device.type == "cuda" else "cpu"
+    names = {"dali": f"DALI, decoder {decoder}, fn.decoders.image_random_crop",
+             "torch": "torchvision DataLoader, ahbf fallback (uint8 in workers, normalise in main)",
+             "torchvision": "torchvision DataLoader, textbook (ImageFolder, ToTensor + Normalize in workers)"}
+    results = {}
+    for r in rows:
+        ips = [x[1] for x in runs[r][1:]] or [runs[r][0][1]]  # the first epoch warms page cache and allocators
+        results[r] = {"pipeline": names[r], "median_img_s": statistics.median(ips), "min_img_s": min(ips),
+                      "max_img_s": max(ips), "first_batch_s": statistics.median(x[0] for x in runs[r]),
+                      "runs_img_s": [round(x, 1) for x in ips]}
+    base = next((results[r]["median_img_s"] for r in ("torchvision", "torch") if r in results), None)
+    for r in rows:
+        results[r]["speedup_vs_" + ("torchvision" if "torchvision" in results else "torch")] = (
+            round(results[r]["median_img_s"] / base, 2) if base else None)
+    record = {
+        "benchmark": "ImageNet-style train pipeline (random-resized crop 224, flip, normalise), images/s",
+        "command": "python benchmarks/bench_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+        "versions": versions(),
+        "setup": {"images": args.images, "image_size": "500x375 JPEG q90", "batch_size": args.batch_size,
+                  "crop": args.size, "threads": args.threads, "repeats": args.repeats, "warmup_repeats": 1},
+        "results": results,
+    }
+    table = markdown(record)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"pipeline_{'gpu' if device.type == 'cuda' else 'cpu'}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(f"wrote {stem}.json and {stem}.md")
+    return record
+
+
+def markdown(rec: dict) -> str:
+    s = rec["setup"]
+    speed_key = next(k for k in next(iter(rec["results"].values())) if k.startswith("speedup_vs_"))
+    lines = [
+        f"Train pipeline, {s['images']} JPEGs {s['image_size']} -> crop {s['crop']}, batch {s['batch_size']}, "
+        f"{s['threads']} threads/workers, median of {s['repeats'] - s['warmup_repeats']} epochs after 1 warm-up.",
+        f"{rec['cpu']} ({rec['cpu_count']} cores, load average {rec['load_average_at_start'][0]:.2f} at start)"
+        + (f", {rec['gpu']}" if rec["gpu"] else "") + f"; {', '.join(f'{k} {v}' for k, v in rec['versions'].items())}; "
+        f"{rec['date']}.",
+        "",
+        f"| pipeline | img/s (median) | min - max | first batch (s) | {speed_key.replace('_', ' ')} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rec["results"].values():
+        lines.append(f"| {r['pipeline']} | {r['median_img_s']:.0f} | {r['min_img_s']:.0f} - {r['max_img_s']:.0f} | "
+                     f"{r['first_batch_s']:.2f} | {r[speed_key]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
