@@ -255,7 +255,7 @@ def test_import_without_triton():
         "okd.TRITON_AVAILABLE = False\n"
         "g = k.ahbf_graph(2); z = [torch.randn(2, 5) for _ in range(2)]; s = [torch.randn(2, 2)]\n"
         "assert k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='eager')[0].isfinite()\n"
-        "assert okd.resolve_backend('auto', z[0]) == 'compiled'\n"
+        "assert okd.resolve_backend('auto', z) == 'compiled'\n"
         "try:\n"
         "    k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='triton')\n"
         "except RuntimeError as e:\n"

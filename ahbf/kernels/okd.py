@@ -8,7 +8,7 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 - ``"compiled"``: ``torch.compile`` of the analytic forward+gradient formulation (``analytic.py``),
   specialised per graph; the CPU default.
 - ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
-- ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits, else ``compiled``.
+- ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits and up to 8 branches, else ``compiled``.
 
 The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
 returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
@@ -36,6 +36,7 @@ from .reference import check_inputs, okd_objective_reference
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+TRITON_MAX_BRANCHES = 8  # pointer slots of the Triton kernel (triton_okd.MAX_BRANCHES)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -146,12 +147,13 @@ okd_fused.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public entry point
 
-def resolve_backend(backend: str, z: Tensor) -> str:
-    """The backend ``okd_loss`` runs for ``backend`` and logits like ``z``."""
+def resolve_backend(backend: str, z: Sequence[Tensor]) -> str:
+    """The backend ``okd_loss`` runs for ``backend`` and branch logits ``z``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if z.is_cuda and z.dtype in _TRITON_DTYPES and TRITON_AVAILABLE else "compiled"
+        fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and len(z) <= TRITON_MAX_BRANCHES
+        return "triton" if fits and TRITON_AVAILABLE else "compiled"
     return backend
 
 
@@ -164,7 +166,7 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     if autograd needs them.
     """
     check_inputs(z, s, labels, graph)
-    backend = resolve_backend(backend, z[0])
+    backend = resolve_backend(backend, z)
     if backend == "eager":
         return okd_objective_reference(z, s, labels, graph, T, kd_scale)
     if any(zi.dtype != z[0].dtype for zi in z):

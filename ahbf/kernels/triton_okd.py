@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .analytic import GraphTensors
 
-MAX_BRANCHES = 8
+MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 below (okd.TRITON_MAX_BRANCHES)
 
 
 @triton.jit
