@@ -1,0 +1,178 @@
+"""Command lines: ``ahbf-train``, ``ahbf-eval``, ``ahbf-export``.
+
+Flags are shorthands for config keys (their help is the field's docstring); any key can also be set
+as ``section.key=value``. Known kinds of bad input end with one line, ``<prog>: error: <message>``,
+and exit status 2, like argparse's own errors.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable
+
+from .checkpoint import CheckpointError
+from .config import CHOICES, SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
+from .meters import NonFiniteLossError
+
+# (flags, config key); booleans get --x / --no-x
+TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
+    (("--arch",), "model.arch"),
+    (("--method",), "model.method"),
+    (("--num-branches",), "model.num_branches"),
+    (("--aux",), "model.aux"),
+    (("--dataset",), "data.dataset"),
+    (("--data-dir",), "data.root"),
+    (("--download",), "data.download"),
+    (("--image-size",), "data.image_size"),
+    (("-b", "--batch-size"), "data.batch_size"),
+    (("-j", "--workers"), "data.workers"),
+    (("--epochs",), "train.epochs"),
+    (("--lr",), "optim.lr"),
+    (("--momentum",), "optim.momentum"),
+    (("--wd", "--weight-decay"), "optim.weight_decay"),
+    (("--clip-grad",), "optim.clip_grad"),
+    (("--sched",), "schedule.name"),
+    (("--milestones",), "schedule.milestones"),
+    (("--warmup-epochs",), "schedule.warmup_epochs"),
+    (("--temperature",), "objective.T"),
+    (("--kd-weight",), "objective.kd_weight"),
+    (("--rampup",), "objective.rampup"),
+    (("--objective-backend",), "objective.backend"),
+    (("-o", "--output"), "train.output"),
+    (("--resume",), "train.resume"),
+    (("--seed",), "train.seed"),
+    (("--device",), "train.device"),
+    (("--precision",), "train.precision"),
+    (("--channels-last",), "train.channels_last"),
+    (("--compile",), "train.compile"),
+    (("--deterministic",), "train.deterministic"),
+    (("--log-interval",), "train.log_interval"),
+    (("--progress",), "train.progress"),
+]
+USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError)  # ConfigError, CheckpointError: ValueError
+
+
+def _field(key: str) -> tuple[dataclasses.Field, str, Any]:
+    section, name = key.split(".")
+    cls = SECTIONS[section]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f, field_docs(cls).get(name, ""), getattr(getattr(RunConfig(), section), name)
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], key: str) -> None:
+    f, doc, default = _field(key)
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    help_text = f"{doc} [{key}, default {shown}]".replace("%", "%%")
+    kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=help_text)
+    if f.type in ("bool", bool):
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+    elif str(f.type).startswith("list"):
+        parser.add_argument(*flags, nargs="+", metavar="N", **kw)
+    else:
+        meta = "{" + ",".join(CHOICES[key]) + "}" if key in CHOICES and key != "model.arch" else key.split(".")[1].upper()
+        parser.add_argument(*flags, metavar=meta, **kw)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ahbf-train",
+        description="Train a multi-branch network with online knowledge distillation (AHBF, ONE, DML or a plain "
+                    "baseline). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (a few minutes "
+                    "on a laptop CPU).",
+        epilog="Any config key can be set as section.key=value (e.g. objective.lambda1=2 data.val_fraction=0); "
+               "sections: " + ", ".join(SECTIONS) + ". Order: defaults < -c files < flags < key=value. "
+               "Paper runs: configs/*.yaml. Multi-GPU: torchrun --nproc_per_node N -m ahbf.engine.cli -c ... "
+               "Reference: docs/training.md.")
+    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                   help="YAML config file (repeatable; later files override earlier ones)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
+    for flags, key in TRAIN_FLAGS:
+        _add_config_flag(p, flags, key)
+    p.add_argument("--amp", dest="train.precision", action="store_const", const="auto", default=argparse.SUPPRESS,
+                   help="mixed precision: same as --precision auto (bf16 where supported, else fp16)")
+    p.add_argument("--no-amp", dest="train.precision", action="store_const", const="fp32", default=argparse.SUPPRESS,
+                   help="full fp32: same as --precision fp32")
+    return p
+
+
+def parse_train_args(argv: list[str] | None) -> RunConfig:
+    args = train_parser().parse_args(argv)
+    flags = [(k, v) for k, v in vars(args).items() if "." in k]
+    return build_config(args.config, flags + [parse_override(o) for o in args.overrides])
+
+
+def _run(prog: str, fn: Callable[[], Any]) -> int:
+    """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2."""
+    try:
+        fn()
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _train(argv: list[str] | None) -> None:
+    from . import distributed
+    from .trainer import Trainer
+
+    cfg = parse_train_args(argv)
+    env = distributed.setup(cfg.train.device)
+    try:
+        Trainer(cfg, env).fit()
+    finally:
+        distributed.teardown()
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _run("ahbf-train", lambda: _train(argv))
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ahbf-eval", description="Top-1 / top-5 of every branch and every TA of an "
+                                "ahbf-train checkpoint on the test split of the data set it was trained on.")
+    p.add_argument("checkpoint", help="a checkpoint written by ahbf-train (last.pt, best.pt, epoch_N.pt)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate [default test]")
+    for flags, key in [(("--dataset",), "data.dataset"), (("--data-dir",), "data.root"),
+                       (("-b", "--batch-size"), "data.eval_batch_size"), (("--device",), "train.device"),
+                       (("--precision",), "train.precision")]:
+        _add_config_flag(p, flags, key)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the checkpoint's config")
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    from .evaluate import run_eval
+
+    args = eval_parser().parse_args(argv)
+
+    def run():
+        flags = [(k, v) for k, v in vars(args).items() if "." in k]
+        run_eval(args.checkpoint, args.split, flags + [parse_override(o) for o in args.overrides])
+
+    return _run("ahbf-eval", run)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ahbf-export", description="Export trunk + target branch of an ahbf-train "
+                                "checkpoint as a plain network's state dict (strict-loadable into "
+                                "ahbf.models.create_plain(arch, K), or torchvision's resnet18/34/50).")
+    p.add_argument("checkpoint", help="a checkpoint written by ahbf-train")
+    p.add_argument("-o", "--output", default="", help="output file [default: <checkpoint folder>/<arch>_target.pt]")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from .evaluate import run_export
+
+    args = export_parser().parse_args(argv)
+    return _run("ahbf-export", lambda: run_export(args.checkpoint, args.output))
+
+
+__all__ = ["ConfigError", "CheckpointError", "train_main", "eval_main", "export_main", "train_parser"]
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m ahbf.engine.cli ...
+    sys.exit(train_main())

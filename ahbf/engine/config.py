@@ -1,0 +1,315 @@
+"""Run configuration: one small dataclass per component, grouped in ``RunConfig``.
+
+Each field's docstring is its documentation and its CLI help (see ``field_docs``). The built-in
+defaults are the digits demo (``ahbf-train`` with no arguments); ``configs/*.yaml`` hold the paper's runs.
+YAML files and ``section.key=value`` overrides are merged onto the defaults; an unknown key is a
+``ConfigError`` naming the nearest known key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..models import ARCHS, METHODS
+from ..pipelines import DataConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key (reported as one line by the CLI)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet8"
+    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
+    method: str = "ahbf"
+    """online-KD method: ahbf | one | dml | baseline (a plain single network)"""
+    num_branches: int = 4
+    """number of branches M (ignored by baseline)"""
+    aux: int = -1
+    """extra blocks per hierarchy level of AHBF branches; -1 = SPEC default (4 CIFAR, 2 ImageNet; 0 for one/dml)"""
+
+
+@dataclass
+class ObjectiveConfig:
+    T: float = 3.0
+    """distillation temperature"""
+    kd_weight: float = -1.0
+    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight); -1 = 1.5 for ahbf, 1.0 otherwise"""
+    lambda1: float = 1.0
+    """AHBF: weight of the ensemble-KD (TA) terms L_ekd"""
+    lambda2: float = 1.0
+    """AHBF: weight of the branch-to-branch terms L_dkd"""
+    ramp: str = "auto"
+    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf, else constant)"""
+    rampup: float = 24.0
+    """ramp-up length R in epochs of the sigmoid ramp (paper: 240 of 300); 0 = 0.5 from the start"""
+    detach_teacher: str = "auto"
+    """stop gradients into the teacher side of KL terms: true | false | auto (ahbf false, one/dml true)"""
+    backend: str = "auto"
+    """objective implementation: auto | triton | compiled | eager (the unfused reference)"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    """peak learning rate (per optimiser step, not scaled by world size)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = True
+    """Nesterov momentum"""
+    weight_decay: float = 5e-4
+    """L2 weight decay (applied to every parameter, like the reference)"""
+    impl: str = "auto"
+    """SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | loop | apex (needs apex)"""
+    clip_grad: float = 0.0
+    """clip the global gradient norm to this value; 0 = off"""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """learning-rate schedule: multistep (x gamma at each milestone, stepped after each epoch) | cosine"""
+    milestones: list[int] = field(default_factory=lambda: [150, 225])
+    """multistep: epochs at which the learning rate is multiplied by gamma"""
+    gamma: float = 0.1
+    """multistep: decay factor"""
+    warmup_epochs: float = 2.0
+    """linear warm-up length in epochs (per step, from lr/steps to lr); 0 = none"""
+    min_lr: float = 0.0
+    """cosine: final learning rate"""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    """number of training epochs"""
+    output: str = "runs/demo"
+    """output folder: checkpoints, config.yaml, metrics.csv, TensorBoard logs, curves.png"""
+    resume: str = ""
+    """checkpoint to resume from: a path, or auto (= <output>/last.pt if it exists)"""
+    seed: int = 0
+    """random seed of the model initialisation (the data streams use data.seed)"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
+    precision: str = "auto"
+    """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA) | auto (bf16 where supported, else fp16)"""
+    channels_last: bool = True
+    """channels-last memory format for the model and the images"""
+    compile: bool = False
+    """torch.compile the model (slow first step; helps on GPUs, not measured to help on CPU)"""
+    deterministic: bool = False
+    """deterministic algorithms (bitwise-reproducible runs and resumes; slower on GPU)"""
+    log_interval: int = 20
+    """steps between reads of the loss on the host (logging and the non-finite check)"""
+    save_every: int = 0
+    """also keep epoch_N.pt every N epochs; 0 = only last.pt and best.pt"""
+    progress: bool = True
+    """tqdm progress bars (rank 0)"""
+    tensorboard: bool = True
+    """write TensorBoard event files under <output>/tb"""
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,
+                             "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig}
+
+
+def demo_data() -> DataConfig:
+    """The demo's data: digits at 16 px (they are 8 x 8 originals), batch 64."""
+    return DataConfig(dataset="digits", image_size=16, batch_size=64)
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. The defaults are the digits demo; ``configs/*.yaml`` set every key."""
+
+    data: DataConfig = field(default_factory=demo_data)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+
+def dump_yaml(data: dict[str, dict[str, Any]]) -> str:
+    """Block-style sections, one ``key: value`` per line (lists inline): easy to read and to diff."""
+    lines = []
+    for section, values in data.items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+            lines.append(f"  {key}: {text.removesuffix('...').strip()}")
+    return "\n".join(lines) + "\n"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    keys = all_keys()
+    near = difflib.get_close_matches(key, keys + list(SECTIONS), n=1, cutoff=0.6)
+    if not near:  # a bare or misplaced field name: compare the last part only
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    hint = f"; did you mean '{near[0]}'?" if near else f"; sections are {', '.join(SECTIONS)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check / convert ``value`` to the field type ``typ`` (YAML and CLI strings both arrive here)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(typ):
+            return None
+        (typ,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, item) for v in value]
+    try:
+        if typ is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set ``section.field`` (type-checked); an unknown key raises ``ConfigError`` with a suggestion."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown(key)
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise _unknown(key)
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+
+
+def merge_dict(cfg: RunConfig, data: dict[str, Any], source: str = "config") -> None:
+    """Merge a nested ``{section: {field: value}}`` mapping (e.g. from YAML) into ``cfg``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    return data or {}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (key, YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.method": METHODS,
+    "model.arch": tuple(ARCHS),
+    "objective.ramp": ("auto", "sigmoid", "constant"),
+    "objective.detach_teacher": ("auto", "true", "false"),
+    "objective.backend": ("auto", "triton", "compiled", "eager"),
+    "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
+    "schedule.name": ("multistep", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the values that have a fixed set of choices (one-line ``ConfigError`` naming the key)."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(choices)}")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    if cfg.train.log_interval < 1:
+        raise ConfigError(f"train.log_interval must be >= 1, got {cfg.train.log_interval}")
+    return cfg
+
+
+def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -> RunConfig:
+    """Defaults, then YAML files in order, then (key, value) overrides in order; validated."""
+    cfg = RunConfig()
+    for path in files:
+        merge_dict(cfg, load_yaml(path), source=path)
+    for key, value in overrides:
+        set_value(cfg, key, value)
+    return validate(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    merge_dict(cfg, data, source="checkpoint config")
+    return cfg

@@ -1,0 +1,70 @@
+"""``ahbf-eval`` and ``ahbf-export``: a checkpoint -> a test-set table, or a plain target state dict."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..evaluation import evaluate, format_table
+from ..models import create_model, get_arch, target_state_dict
+from ..pipelines import build_data
+from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint
+from .config import config_from_dict, set_value, validate
+from .distributed import resolve_device
+from .precision import AmpStepper, resolve_precision
+from .task import OKDTask, make_graph, resolve_objective
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    spec = ckpt["spec"]
+    model = create_model(spec["arch"], spec["method"], spec["num_classes"], spec["num_branches"], spec["aux"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = ()) -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 of every branch and TA of a checkpoint on its data set's test (or val) split."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    for key, value in overrides:
+        set_value(cfg, key, value)
+    validate(cfg)
+    device = resolve_device(cfg.train.device)
+    data = build_data(cfg.data, device=device)
+    loader = data.test if split == "test" else data.val
+    if loader is None:
+        raise ValueError(f"the checkpoint's data config has no {split} split (data.val_fraction = 0)")
+    spec = ckpt["spec"]
+    if data.num_classes != spec["num_classes"]:
+        check_spec(spec, {**spec, "num_classes": data.num_classes}, path)
+    model = model_from_checkpoint(ckpt, device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.train.precision, device)
+    amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
+    graph = make_graph(spec["method"], spec["num_branches"], resolve_objective(cfg.objective, spec["method"]))
+    task = OKDTask(model, graph, resolve_objective(cfg.objective, spec["method"]), amp.autocast)
+    metrics = evaluate(task.predict, loader, task.node_names)
+    print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "
+                                f"split, {precision}"))
+    return metrics
+
+
+def run_export(path: str, output: str = "") -> str:
+    """Write trunk + target branch as the plain network's state dict (strict-loadable into
+    ``ahbf.models.create_plain(arch, K)``; for resnet18/34/50 into torchvision's model)."""
+    ckpt = load_checkpoint(path)
+    spec = ckpt["spec"]
+    try:
+        model = model_from_checkpoint(ckpt)
+    except RuntimeError as err:  # a state dict that does not fit its own spec: a corrupted checkpoint
+        raise CheckpointError(f"{path}: weights do not match {describe(spec)} ({str(err).splitlines()[0]})") from None
+    output = output or os.path.join(os.path.dirname(path) or ".", f"{spec['arch']}_target.pt")
+    atomic_save(target_state_dict(model), output)
+    arch, k = spec["arch"], spec["num_classes"]
+    build = (f"torchvision.models.{arch}(num_classes={k})" if get_arch(arch).imagenet
+             else f"ahbf.models.create_plain({arch!r}, {k})")
+    print(f"wrote {output}: the target branch of {describe(spec)} as a plain {arch} state dict\n"
+          f"load it with: model = {build}; model.load_state_dict(torch.load({output!r}, weights_only=True))")
+    return output

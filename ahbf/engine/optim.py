@@ -1,0 +1,36 @@
+"""SGD as in SPEC 4 (momentum, Nesterov, weight decay), in the fastest implementation available."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import ConfigError, OptimConfig
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``impl``: fused (one kernel for all parameters; CPU and CUDA in torch >= 2.4), foreach (multi-tensor),
+    loop (per parameter), apex (NVIDIA apex FusedSGD, only if importable), auto (fused, else foreach)."""
+    params = list(params)
+    kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
+    if cfg.impl == "apex":
+        try:
+            from apex.optimizers import FusedSGD
+        except ImportError:
+            raise ConfigError("optim.impl=apex needs NVIDIA apex, which is not installed; use fused or auto") from None
+        return FusedSGD(params, **kw)
+    if cfg.impl in ("auto", "fused"):
+        try:
+            return torch.optim.SGD(params, fused=True, **kw)
+        except (RuntimeError, TypeError) as err:
+            if cfg.impl == "fused":
+                raise ConfigError(f"optim.impl=fused is not supported here ({err}); use foreach") from None
+    return torch.optim.SGD(params, foreach=cfg.impl != "loop", **kw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,56 @@
+"""Mixed precision: one object owns autocast, loss scaling, backward, unscale, clipping and the step."""
+from __future__ import annotations
+
+from typing import ContextManager, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CPU and on GPUs that support it, fp16 (with loss scaling) on older GPUs."""
+    if precision == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return "fp16"
+        return "bf16"
+    if precision not in DTYPES:
+        raise ConfigError(f"train.precision: unknown value '{precision}'; choose from auto, {', '.join(DTYPES)}")
+    return precision
+
+
+class AmpStepper:
+    """``autocast()`` for the forward; ``step(loss)`` = scale, backward, unscale + clip (if on), optimiser
+    step, scaler update, zero_grad. No host sync: the gradient norm stays a device tensor."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], device: torch.device,
+                 precision: str, clip_grad: float = 0.0):
+        self.optimizer, self.params, self.device = optimizer, list(params), device
+        self.dtype = DTYPES[precision]
+        self.clip_grad = clip_grad
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast(self) -> ContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def step(self, loss: Tensor) -> Tensor | None:
+        self.scaler.scale(loss).backward()
+        norm = None
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.params, self.clip_grad, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
