@@ -123,6 +123,6 @@ class TorchFolderLoader:
                 if found is None:
                     raise
                 raise BadImageError(found.group(1), found.group(2)) from None
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            x = ((x.float() - self.mean) / self.std).to(self.dtype)  # elementwise ops keep channels-last
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # uint8: cheap
+            x = x.float().sub_(self.mean).div_(self.std).to(self.dtype)  # in place; keeps channels-last
             yield x, y.to(self.device, non_blocking=True)
