@@ -74,7 +74,8 @@ class EpochSampler(Sampler):
 
     def indices(self) -> list[int]:
         if not self.shuffle:  # evaluation: an exact partition, no padding
-            return list(range(self.n))[self.rank * self.n // self.world_size:(self.rank + 1) * self.n // self.world_size]
+            lo, hi = self.rank * self.n // self.world_size, (self.rank + 1) * self.n // self.world_size
+            return list(range(lo, hi))
         return epoch_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
 
     def __iter__(self):
