@@ -88,15 +88,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, device: str, reps: int) -> list[float]:
-    """Milliseconds of ``reps`` steps, each between device syncs."""
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_steps(step, device: str, reps: int, clock: str = "wall") -> list[float]:
+    """Milliseconds of ``reps`` steps, each between device syncs.
+
+    ``clock="thread"``: CPU time of the calling thread instead of wall time; with one torch thread on
+    a CPU shared with other jobs, it counts the work done and not the time spent descheduled.
+    """
+    now = CLOCKS[clock]
     out = []
     for _ in range(reps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         step()
         _sync(device)
-        out.append((time.perf_counter() - t0) * 1e3)
+        out.append((now() - t0) * 1e3)
     return out
 
 
@@ -148,7 +156,7 @@ def summarize(ms: list[float]) -> dict:
 
 
 def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, rounds: int,
-             bandwidth: float | None) -> dict:
+             bandwidth: float | None, clock: str = "wall") -> dict:
     steps = {p: make_step(case, p) for p in paths}
     if any(p != "eager" for p in paths):
         torch.compiler.reset()  # fresh static kernels for this shape, as in a training run
@@ -158,7 +166,7 @@ def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, 
     for r in range(rounds):
         order = paths if r % 2 == 0 else paths[::-1]
         for p in order:
-            times[p] += time_steps(steps[p], device, reps)
+            times[p] += time_steps(steps[p], device, reps, clock)
     row = {"method": case.method, "M": case.graph.num_branches, "B": case.z[0].shape[0], "K": case.z[0].shape[1],
            "dtype": str(case.z[0].dtype).replace("torch.", ""), "paths": {}}
     eager_median = statistics.median(times["eager"]) if "eager" in times else None
@@ -215,11 +223,12 @@ def markdown(result: dict) -> str:
             cell += [f"{ps[p]['x_floor']:.1f}" for p in fused] + [f"{ps[fused[0]]['hbm_floor_ms']:.4f}"]
         cell += [str(ps[p]["launches"]) for p in paths]
         lines.append("| " + " | ".join(cell) + " |")
-    info = (f"Device: {env['device']}; CPU: {env['cpu']} ({env['cpu_count']} cores, {env['threads']} threads); "
+    info = (f"Device: {env['device']}; CPU: {env['cpu']} ({env['cpu_count']} cores), torch threads: {env['threads']}; "
             f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}; {env['date']}.")
     if env.get("bandwidth_gbs"):
         info += f" Measured copy bandwidth {env['bandwidth_gbs']:.0f} GB/s."
-    note = ("Forward + backward of the objective, milliseconds: median [25th-75th percentile] of "
+    clock = "wall-clock" if env.get("clock", "wall") == "wall" else "thread CPU-time"
+    note = (f"Forward + backward of the objective, {clock} milliseconds: median [25th-75th percentile] of "
             f"{rows[0]['paths'][paths[0]]['n']} steps per path; speedup = eager median / fused median; "
             "ops/kernels = outermost operators (CPU) or CUDA kernels launched by one step.")
     return "\n".join([f"Command: `{env['command']}`", "", info, "", note, "", *lines, ""])
@@ -237,15 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=10, help="timed steps per block")
     ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per path")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                    help="wall time, or the thread's CPU time (CPU, --threads 1 only: robust to other jobs)")
     ap.add_argument("--paths", default=None, help="default: eager,compiled on CPU; eager,compiled,triton on CUDA")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/objective_<device>.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
+    if args.clock == "thread" and (device != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock thread needs --device cpu --threads 1")
     paths = args.paths.split(",") if args.paths else (["eager", "compiled"] + (["triton"] if device == "cuda" else []))
     dtype = getattr(torch, args.dtype)
     env = environment(device, torch.get_num_threads())
+    env["clock"] = args.clock
     bandwidth = None
     if device == "cuda":
         bandwidth = copy_bandwidth(device)
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         for B in map(int, args.batches.split(",")):
             for K in map(int, args.classes.split(",")):
                 case = make_case(method, args.branches, B, K, device, dtype)
-                row = run_case(case, paths, device, args.warmup, args.reps, args.rounds, bandwidth)
+                row = run_case(case, paths, device, args.warmup, args.reps, args.rounds, bandwidth, args.clock)
                 rows.append(row)
                 ps = row["paths"]
                 print(case.name, " ".join(f"{p}={ps[p]['median_ms']:.3f}ms" for p in paths),
