@@ -243,7 +243,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"methods": {}, "paired": {}}
+    out: dict[str, Any] = {"methods": {}, "paired": {}, "paired_disagreement": {}}
     by = {m: sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
     for m, rs in by.items():
         if not rs:
@@ -254,16 +254,24 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, A
             "target_top1": mean_std([r["target_top1"] for r in rs]),
             "nodes": {n: mean_std([r["test"][n]["top1"] for r in rs]) for n in nodes},
             "ensemble_top1": mean_std([r["ensemble_top1"] for r in rs]),
+            "ensemble_gain": mean_std([r["ensemble_top1"] - r["target_top1"] for r in rs
+                                       if r["ensemble_top1"] is not None]),
             "disagreement": mean_std([r["disagreement"] for r in rs]),
             "sym_kl": mean_std([r["sym_kl"] for r in rs]),
             "train_s": mean_std([r["train_s"] for r in rs]),
             "params": rs[0]["params"],
             "per_seed": {r["seed"]: r["target_top1"] for r in rs},
+            "per_seed_disagreement": {r["seed"]: r["disagreement"] for r in rs if r["disagreement"] is not None},
         }
     if "ahbf" in out["methods"]:
         for m in methods:
             if m != "ahbf" and m in out["methods"]:
-                out["paired"][m] = paired(out["methods"]["ahbf"]["per_seed"], out["methods"][m]["per_seed"])
+                a, b = out["methods"]["ahbf"], out["methods"][m]
+                out["paired"][m] = paired(a["per_seed"], b["per_seed"])
+                if b["per_seed_disagreement"]:  # in points of % of test images
+                    out["paired_disagreement"][m] = paired(
+                        {k: 100 * v for k, v in a["per_seed_disagreement"].items()},
+                        {k: 100 * v for k, v in b["per_seed_disagreement"].items()})
     return out
 
 
@@ -274,6 +282,11 @@ def fmt(ms: tuple[float, float], digits: int = 2) -> str:
     return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def target_params(arch: str, num_classes: int = 10) -> int:
+    from ahbf.models import create_plain
+    return sum(t.numel() for t in create_plain(arch, num_classes).parameters())
+
+
 def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], meta: dict[str, Any],
              files: dict[str, str]) -> str:
     ms = summary["methods"]
@@ -282,9 +295,13 @@ def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], m
     lines = [
         "# Reproduction at small scale: Baseline vs DML vs ONE vs AHBF on low-data digits",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command'].strip()}`"
+        + (f" (tables and figures rewritten from the JSON by `--replot` on {meta['replotted']}; same numbers)"
+           if meta.get("replotted") else ""),
         "",
-        f"Protocol: {p.arch} target ({p.num_branches} branches for DML/ONE/AHBF, AHBF aux = SPEC default), "
+        f"Protocol: the deployed network is the same plain {p.arch} for every method ({target_params(p.arch):,} "
+        f"params; trunk + branch 0 of the multi-branch models); "
+        f"{p.num_branches} branches for DML/ONE/AHBF, AHBF aux = SPEC default; "
         f"digits upscaled to {p.image_size}x{p.image_size} RGB; {p.per_class} training images per class "
         f"({n_train} in all, a stratified subset of the fixed training split drawn per seed, the same for every "
         f"method); test = the fixed digits test split ({n_test} images), evaluated at the last epoch (no validation "
@@ -336,10 +353,18 @@ def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], m
                   "Mean over the 6 branch pairs: disagreement = fraction of test images whose argmax differs; "
                   "sym. KL = (KL(p||q) + KL(q||p)) / 2 of the branches' softmax at T = 1, nats. "
                   "Disagreement is bounded by the branches' error rates.", "",
-                  "| method | disagreement (%) | sym. KL (nats) |", "|---|---|---|"]
+                  "| method | disagreement (%) | sym. KL (nats) | mean-softmax ensemble minus target (points) |",
+                  "|---|---|---|---|"]
         for m, s in div:
             d = s["disagreement"]
-            lines.append(f"| {LABELS[m]} | {fmt((d[0] * 100, d[1] * 100))} | {fmt(s['sym_kl'], 3)} |")
+            lines.append(f"| {LABELS[m]} | {fmt((d[0] * 100, d[1] * 100))} | {fmt(s['sym_kl'], 3)} | "
+                         f"{fmt(s['ensemble_gain'])} |")
+        if summary.get("paired_disagreement"):
+            lines += ["", "Paired per seed, AHBF disagreement minus the other method's (points of % of test images):", "",
+                      "| AHBF vs | mean ± s.e. | W / T / L (AHBF more diverse) | sign p | t p |", "|---|---|---|---|---|"]
+            for m, d in summary["paired_disagreement"].items():
+                lines.append(f"| {LABELS[m]} | {d['mean']:+.2f} ± {d['se']:.2f} | {d['wins']} / {d['ties']} / "
+                             f"{d['losses']} | {d['sign_p']:.3f} | {d['t_p']:.3f} |")
     lines += ["", "## Per-seed target top-1 %", "", "| seed | " + " | ".join(LABELS[m] for m in ms) + " |",
               "|---" * (len(ms) + 1) + "|"]
     for seed in p.seeds:
@@ -364,7 +389,7 @@ def plot_all(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], f
         ax.bar(i, mean, yerr=sd, capsize=6, color=COLORS[m], alpha=0.8)
         pts = list(s["per_seed"].values())
         ax.scatter([i + 0.0] * len(pts), pts, color="k", s=12, zorder=3)
-        ax.text(i, mean + sd + 0.3, f"{mean:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.text(i + 0.38, mean, f"{mean:.2f}", ha="right", va="bottom", fontsize=9)
     lo = min(min(s["per_seed"].values()) for s in ms.values())
     hi = max(max(s["per_seed"].values()) for s in ms.values())
     ax.set_ylim(max(0, lo - 3), min(100.5, hi + 2))
@@ -377,12 +402,14 @@ def plot_all(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], f
     fig.savefig(files["bar"], dpi=120)
     plt.close(fig)
 
-    def band(ax, m, key, scale=1.0, label=None, style="-"):
+    def band(ax, m, key, scale=1.0, label=None, style="-", minus=None):
         rs = [r for r in runs if r["method"] == m and key in r["curves"]]
         if not rs:
             return
         ep = np.array(rs[0]["curves"]["epoch"])
         a = np.array([r["curves"][key] for r in rs], dtype=float) * scale
+        if minus is not None:
+            a = a - np.array([r["curves"][minus] for r in rs], dtype=float) * scale
         mu, sd = a.mean(0), (a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1]))
         ax.plot(ep, mu, style, color=COLORS[m], label=label or LABELS[m])
         ax.fill_between(ep, mu - sd, mu + sd, color=COLORS[m], alpha=0.15)
@@ -421,12 +448,14 @@ def plot_all(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], f
             continue
         band(d1, m, "div_disagreement", 100.0)
         band(d2, m, "div_sym_kl")
-        band(d3, m, "test_branch_ensemble_top1", label=f"{LABELS[m]} mean-softmax ensemble")
-        band(d3, m, "test_branch0_top1", label=f"{LABELS[m]} target", style=":")
+        band(d3, m, "test_branch_ensemble_top1", minus="test_branch0_top1")
     d1.set(xlabel="epoch", ylabel="mean pairwise disagreement (% of test images)", title="branch disagreement")
     d2.set(xlabel="epoch", ylabel="mean pairwise symmetric KL (nats, T=1)", title="branch symmetric KL",
            yscale="log")
-    d3.set(xlabel="epoch", ylabel="test top-1 (%)", title="branch ensemble vs target")
+    d3.axhline(0, color="k", lw=0.8)
+    d3.set(xlabel="epoch", ylabel="ensemble top-1 minus target top-1 (points)",
+           title="what diversity buys: ensemble - target")
+    d3.set_ylim(-4, 8)
     for a in (d1, d2, d3):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -442,6 +471,30 @@ def output_files(out_dir: str, name: str) -> dict[str, str]:
     base = os.path.join(out_dir, f"reproduce_{name}")
     return {"json": base + ".json", "md": base + ".md", "bar": base + ".png", "curves": base + "_curves.png",
             "diversity": base + "_diversity.png"}
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    return " ".join(["python", "benchmarks/reproduce.py", *map(shlex.quote, argv)])
+
+
+def replot(out_dir: str = RESULTS, name: str = "digits") -> dict[str, Any]:
+    """Rewrite the markdown and the figures from the JSON of a finished run (no training)."""
+    files = output_files(out_dir, name)
+    with open(files["json"]) as f:
+        result = json.load(f)
+    d = result["protocol"]
+    p = Protocol(**{**d, "milestones": tuple(d["milestones"])})
+    runs = result["runs"]
+    summary = summarise(runs, [m for m in METHODS if m in p.methods])  # recomputed with this code's statistics
+    result["summary"] = summary
+    result["meta"]["replotted"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    with open(files["md"], "w") as f:
+        f.write(markdown(p, summary, runs, result["meta"], files))
+    plot_all(p, summary, runs, files)
+    with open(files["json"] + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(files["json"] + ".tmp", files["json"])
+    return result
 
 
 def machine() -> str:
@@ -480,7 +533,7 @@ def _reproduce(protocol, out_dir, name, work_dir, resume, plots, command, log) -
     os.makedirs(out_dir, exist_ok=True)
     files = output_files(out_dir, name)
     work_dir = work_dir or os.path.join("runs", f"reproduce_{name}")
-    command = command or "python benchmarks/reproduce.py " + " ".join(map(shlex.quote, sys.argv[1:]))
+    command = command or shell_command(sys.argv[1:])
     runs: list[dict[str, Any]] = []
     if resume and os.path.isfile(files["json"]):
         with open(files["json"]) as f:
@@ -546,6 +599,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work-dir", default=None, help="engine run folders [default runs/reproduce_<name>]")
     ap.add_argument("--resume", action="store_true", help="reuse finished runs of the same protocol in the JSON")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="only rewrite the markdown and figures from the JSON of a finished run (no training)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads [default 1: these tiny models lose to thread contention on a shared "
                          "CPU (measured ~6x slower per step with 2 threads while other jobs ran); 0 = torch's]")
@@ -554,12 +609,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.replot:
+        replot(a.out, a.name)
+        return 0
     p = Protocol(seeds=a.seeds, methods=a.methods, arch=a.arch, num_branches=a.num_branches, image_size=a.image_size,
                  per_class=a.per_class, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.wd,
                  precision=a.precision, objective_backend=a.objective_backend, probe_every=a.probe_every)
     argv = sys.argv[1:] if argv is None else argv
     reproduce(p, a.out, a.name, a.work_dir, a.resume, not a.no_plots,
-              command="python benchmarks/reproduce.py " + " ".join(map(shlex.quote, argv)), threads=a.threads)
+              command=shell_command(argv), threads=a.threads)
     return 0
 
 

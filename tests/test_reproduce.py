@@ -128,7 +128,9 @@ def test_reproduce_tiny(tmp_path):
         assert m["n"] == 2 and 0.0 <= mean <= 100.0 and sd >= 0.0
         assert mean == pytest.approx(sum(m["per_seed"].values()) / 2)
     assert set(s["methods"]["ahbf"]["nodes"]) == {"branch0", "branch1", "branch2", "branch3", "ta0", "ta1", "ta2"}
-    assert set(s["paired"]) == {"baseline", "dml", "one"}
+    assert set(s["paired"]) == {"baseline", "dml", "one"} and set(s["paired_disagreement"]) == {"dml", "one"}
+    gain = s["methods"]["dml"]["ensemble_gain"][0]
+    assert -100.0 <= gain <= 100.0 and math.isnan(s["methods"]["baseline"]["ensemble_gain"][0])
     for d in s["paired"].values():
         assert len(d["diffs"]) == 2 and d["wins"] + d["ties"] + d["losses"] == 2 and 0.0 < d["sign_p"] <= 1.0
 
@@ -137,6 +139,14 @@ def test_reproduce_tiny(tmp_path):
     for label in ("Baseline", "DML", "ONE", "AHBF", "ta2", "Paired comparison", "disagreement"):
         assert label in md
     assert md.count("\n| 0 |") == 1 and md.count("\n| 1 |") == 1  # the per-seed table
+
+    # --replot rewrites the markdown / figures from the JSON: same runs, same numbers
+    before = md
+    Path(files["md"]).unlink()
+    rep.replot(str(tmp_path), "tiny")
+    after = Path(files["md"]).read_text()
+    assert "--replot" in after and after.split("\n", 3)[3] == before.split("\n", 3)[3]
+    assert json.loads(Path(files["json"]).read_text())["runs"] == data["runs"]
 
     # --resume with the same protocol reuses both seeds' runs and trains nothing
     again = rep.reproduce(p, out_dir=str(tmp_path), name="tiny", work_dir=str(tmp_path / "work"), resume=True,
