@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ahbf.kernels import (BACKENDS, DistillGraph, Ensemble, KLEdge, ahbf_graph, dml_graph, okd_loss,
+from ahbf.kernels import (BACKENDS, DistillGraph, Ensemble, KLEdge, ahbf_graph, baseline_graph, dml_graph, okd_loss,
                           okd_objective_reference, one_graph)
 from ahbf.kernels import triton_okd
 from ahbf.kernels.analytic import encode_graph, okd_analytic, score_matrix
@@ -80,8 +80,9 @@ def test_ahbf_all_widths(M, detach):
 
 
 @pytest.mark.parametrize("graph", [one_graph(4), one_graph(4, detach_teacher=False), one_graph(8),
-                                   dml_graph(2), dml_graph(4), dml_graph(4, detach_teacher=False), MIXED],
-                         ids=["one4", "one4-nodetach", "one8", "dml2", "dml4", "dml4-nodetach", "mixed"])
+                                   dml_graph(2), dml_graph(4), dml_graph(4, detach_teacher=False), MIXED,
+                                   baseline_graph()],
+                         ids=["one4", "one4-nodetach", "one8", "dml2", "dml4", "dml4-nodetach", "mixed", "baseline"])
 def test_one_dml_mixed(graph):
     check_against_reference(*make_inputs(graph, 4, 37), graph)
 

@@ -125,6 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
     ctx.has_grads = need_grad
+    ctx.no_kl_edges = not inputs[5]           # backward must mirror an empty graph_floats list as []
     ctx.set_materialize_grads(False)          # only the loss is differentiable: no zero-filled grads for the rest
     ctx.mark_non_differentiable(*output[1:])
     if need_grad:
@@ -139,7 +140,7 @@ def _backward(ctx, grads):
     dz_out = [d * g.to(d.dtype) for d in dz]
     ds_out = ds * g.to(ds.dtype)
     dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
-    return dz_out, ds_out, None, dkd, None, None, None, None, None
+    return dz_out, ds_out, None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None
 
 
 okd_fused.register_autograd(_backward, setup_context=_setup_context)
