@@ -97,7 +97,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None) -> RunConfig:
-    args = train_parser().parse_args(argv)
+    args = train_parser().parse_intermixed_args(argv)
     flags = [(k, v) for k, v in vars(args).items() if "." in k]
     return build_config(args.config, flags + [parse_override(o) for o in args.overrides])
 
@@ -147,7 +147,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     from .evaluate import run_eval
 
-    args = eval_parser().parse_args(argv)
+    args = eval_parser().parse_intermixed_args(argv)
 
     def run():
         flags = [(k, v) for k, v in vars(args).items() if "." in k]

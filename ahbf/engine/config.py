@@ -128,13 +128,19 @@ def demo_data() -> DataConfig:
     return DataConfig(dataset="digits", image_size=16, batch_size=64)
 
 
+def demo_objective() -> ObjectiveConfig:
+    """The demo's objective: the eager reference. On CPU, ``auto`` means ``compiled``, whose first
+    torch.compile took 40-130 s on a 2-core CPU (cold cache) and did not speed up this small step."""
+    return ObjectiveConfig(backend="eager")
+
+
 @dataclass
 class RunConfig:
     """Every setting of a run. The defaults are the digits demo; ``configs/*.yaml`` set every key."""
 
     data: DataConfig = field(default_factory=demo_data)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=demo_objective)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -313,3 +319,17 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
     merge_dict(cfg, data, source="checkpoint config")
     return cfg
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table (docs/training.md embeds it; a test keeps it current)."""
+    defaults = RunConfig().to_dict()
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = defaults[section][f.name]
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section}.{f.name}` | `{shown}` | {meaning} |")
+    return "\n".join(lines)

@@ -12,21 +12,25 @@ class RunLogger:
     """Writes nothing on ranks other than 0. ``history`` rows (one per epoch) become metrics.csv."""
 
     def __init__(self, output: str, enabled: bool = True, tensorboard: bool = True):
-        self.output, self.enabled = output, enabled
-        self.tb = None
-        if enabled and tensorboard:
+        self.output, self.enabled, self.tensorboard = output, enabled, enabled and tensorboard
+        self.tb = None  # created at the first scalar, so a run refused at start-up writes nothing
+
+    def _writer(self):
+        if self.tb is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(output, "tb"))
+            self.tb = SummaryWriter(os.path.join(self.output, "tb"))
+        return self.tb
 
     def info(self, message: str) -> None:
         if self.enabled:
             tqdm.write(message)
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
-        if self.tb is not None:
+        writer = self._writer()
+        if writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def write_csv(self, history: list[dict[str, Any]]) -> None:
         """Rewrite metrics.csv from the whole history (so a resumed run has no duplicated rows)."""

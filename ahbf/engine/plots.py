@@ -12,9 +12,9 @@ def plot_curves(history: list[dict[str, Any]], path: str, title: str = "") -> No
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("train_loss", "-"), ("train_ce", "--"), ("train_kd", ":")):
+    for key, style, name in (("train_loss", "-", "loss"), ("train_ce", "--", "ce"), ("train_kd", ":", "kd (before kd_scale)")):
         if any(key in row for row in history):
-            ax_loss.plot(epochs, [row.get(key, float("nan")) for row in history], style, label=key[6:])
+            ax_loss.plot(epochs, [row.get(key, float("nan")) for row in history], style, label=name)
     ax_loss.set(xlabel="epoch", ylabel="train loss (mean over the epoch)", yscale="log")
     ax_loss.legend()
     acc_keys = [k for k in history[-1] if k.startswith("val_") and k.endswith("_top1")]

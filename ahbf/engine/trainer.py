@@ -78,16 +78,16 @@ class Trainer:
         graph = make_graph(m.method, m.num_branches, cfg.objective)
         self.task = OKDTask(train_fwd, graph, cfg.objective, self.amp.autocast, eval_model=eval_fwd)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, t.epochs, len(self.data.train))
-        self.log = RunLogger(t.output, env.is_main, t.tensorboard)
         self.meter = LossMeter(env.device)
+        self.log = RunLogger(t.output, env.is_main, t.tensorboard)
         self.epoch, self.step, self.history = 0, 0, []
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._maybe_resume()  # before writing anything: a refused checkpoint leaves the folder as it was
         if env.is_main:
             os.makedirs(t.output, exist_ok=True)
             with open(os.path.join(t.output, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
-        self._maybe_resume()
 
     # ----------------------------------------------------------------------------------------- paths
     def path(self, name: str) -> str:
@@ -112,14 +112,17 @@ class Trainer:
         start = time.perf_counter()
         epochs = tqdm(range(self.epoch, t.epochs), desc="epochs", unit="ep", initial=self.epoch, total=t.epochs,
                       disable=not (t.progress and self.env.is_main), dynamic_ncols=True)
-        for epoch in epochs:
-            row = self.train_epoch(epoch)
-            if d.val is not None:
-                row.update(self._prefixed("val", self.evaluate(d.val)))
-            self.end_epoch(row)
-            epochs.set_postfix_str(self.epoch_line(row, short=True))
-        epochs.close()
-        return self.finish(time.perf_counter() - start)
+        try:
+            for epoch in epochs:
+                row = self.train_epoch(epoch)
+                if d.val is not None:
+                    row.update(self._prefixed("val", self.evaluate(d.val)))
+                self.end_epoch(row)
+                epochs.set_postfix_str(self.epoch_line(row, short=True))
+            epochs.close()
+            return self.finish(time.perf_counter() - start)
+        finally:
+            self.log.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         t, loader = self.cfg.train, self.data.train
@@ -246,9 +249,7 @@ class Trainer:
         if self.history:
             plot_curves(self.history, self.path("curves.png"),
                         f"{c.model.method} {c.model.arch} x{c.model.num_branches} on {c.data.dataset}")
-        self.log.info(f"outputs in {c.train.output}/: last.pt, best.pt, config.yaml, metrics.csv, curves.png"
-                      + (", tb/" if c.train.tensorboard else ""))
-        self.log.close()
+        self.log.info(f"outputs in {c.train.output}/: {', '.join(sorted(os.listdir(c.train.output)))}")
 
     def summary(self) -> str:
         c, d = self.cfg, self.data
