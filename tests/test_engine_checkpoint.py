@@ -1,0 +1,75 @@
+"""Checkpoints: atomic writes, weights_only loads, one-line errors for another model's checkpoint."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ahbf.engine.checkpoint import (CheckpointError, atomic_save, check_spec, load_checkpoint, rng_state,
+                                    set_rng_state)
+from ahbf.engine.config import RunConfig
+from ahbf.engine.precision import AmpStepper
+from ahbf.engine.optim import build_optimizer
+from ahbf.models import create_model
+
+
+def training_state():
+    model = create_model("resnet8", "ahbf", 10, 3)
+    amp = AmpStepper(build_optimizer(model.parameters(), RunConfig().optim), model.parameters(), torch.device("cpu"), "fp16")
+    out = model(torch.randn(4, 3, 8, 8))
+    amp.step(sum(z.sum() for z in out.logits))  # fills momentum buffers and the scaler's state
+    return {"model": model.state_dict(), "optim": amp.state_dict(), "epoch": 1, "step": 1, "spec": model.spec,
+            "config": RunConfig().to_dict(), "history": [{"epoch": 1, "train_loss": 1.5}], "best": None,
+            "rng": rng_state()}
+
+
+def test_training_state_round_trips_with_weights_only(tmp_path):
+    state = training_state()
+    path = str(tmp_path / "last.pt")
+    atomic_save(state, path)
+    loaded = load_checkpoint(path)  # torch.load(..., weights_only=True)
+    assert loaded["config"] == state["config"] and loaded["spec"] == state["spec"]
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+    set_rng_state(loaded["rng"])
+    a = torch.rand(3)
+    set_rng_state(state["rng"])
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_atomic_save_leaves_old_file_and_no_temporary_on_failure(tmp_path):
+    path = str(tmp_path / "last.pt")
+    atomic_save({"x": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"x": torch.zeros(2), "bad": Unpicklable()}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error():
+    a = create_model("resnet8", "ahbf", 10, 4).spec
+    b = create_model("resnet14", "ahbf", 100, 4).spec
+    with pytest.raises(CheckpointError) as err:
+        check_spec(a, b, "runs/x/last.pt")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "resnet8 (ahbf, 4 branches, aux 4) with 10 classes" in msg and "resnet14 (ahbf, 4 branches, aux 4) with 100 classes" in msg
+    check_spec(a, dict(a), "same")  # no error
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(str(junk))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an ahbf-train checkpoint"):
+        load_checkpoint(str(tmp_path / "plain.pt"))

@@ -1,0 +1,99 @@
+"""Run configuration: defaults = demo, paper configs, unknown keys with suggestions, value coercion."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ahbf.engine.config import (SECTIONS, ConfigError, RunConfig, build_config, field_docs, load_yaml,
+                                parse_override, set_value)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_builtin_default_is_the_digits_demo_config():
+    assert build_config([str(CONFIGS / "digits_demo.yaml")]) == RunConfig()
+    cfg = RunConfig()
+    assert (cfg.data.dataset, cfg.model.method, cfg.model.num_branches) == ("digits", "ahbf", 4)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_loads_and_sets_every_key(path):
+    cfg = build_config([str(path)])
+    data = load_yaml(str(path))
+    assert {s: set(v) for s, v in data.items()} == {s: set(v) for s, v in cfg.to_dict().items()}
+    assert path.stem.startswith(cfg.data.dataset)
+    assert cfg.train.output == f"runs/{path.stem}" or path.stem == "digits_demo"
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet32_ahbf", "cifar100_resnet110_ahbf", "cifar100_resnet32_dml",
+                                  "cifar10_resnet110_one", "cifar100_resnet32_baseline"])
+def test_cifar_configs_follow_spec4(name):
+    c = build_config([str(CONFIGS / f"{name}.yaml")])
+    assert (c.train.epochs, c.optim.lr, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (300, 0.1, 0.9, True, 5e-4)
+    assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma, c.data.batch_size) == ("multistep", [150, 225], 0.1, 128)
+    assert c.objective.T == 3.0
+    if c.model.method == "ahbf":
+        assert (c.objective.kd_weight, c.objective.rampup, c.objective.ramp, c.model.aux) == (1.5, 240, "sigmoid", 4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
+def test_imagenet_configs_follow_spec4(arch):
+    for method in ("ahbf", "baseline"):
+        c = build_config([str(CONFIGS / f"imagenet_{arch}_{method}.yaml")])
+        assert (c.data.batch_size, c.optim.lr, c.optim.weight_decay, c.train.epochs) == (256, 0.1, 1e-4, 90)
+        assert (c.schedule.name, c.schedule.milestones) == ("multistep", [30, 60])
+        assert c.model.aux == (2 if method == "ahbf" else 0)
+
+
+def test_every_field_has_a_docstring():
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{section}: fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("key, suggestion", [("optim.lrr", "optim.lr"), ("lr", "optim.lr"),
+                                             ("train.epoch", "train.epochs"), ("objective.lamda1", "objective.lambda1"),
+                                             ("optimizer.lr", "optim.lr"), ("model.archh", "model.arch")])
+def test_unknown_key_names_it_and_suggests_the_nearest(key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        set_value(RunConfig(), key, 1)
+    assert str(err.value) == f"unknown config key '{key}'; did you mean '{suggestion}'?"
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 0.05\n  weight_decy: 1e-4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
+        build_config([str(path)])
+
+
+def test_values_are_coerced_and_checked():
+    cfg = RunConfig()
+    for text in ("schedule.milestones=[10, 20]", "schedule.milestones=10,20"):
+        set_value(cfg, *parse_override(text))
+        assert cfg.schedule.milestones == [10, 20]
+    set_value(cfg, *parse_override("optim.weight_decay=1e-4"))  # YAML reads 1e-4 as a string
+    assert cfg.optim.weight_decay == 1e-4
+    set_value(cfg, *parse_override("objective.detach_teacher=true"))
+    assert cfg.objective.detach_teacher == "true"
+    set_value(cfg, "train.compile", "yes")
+    assert cfg.train.compile is True
+    with pytest.raises(ConfigError, match="'train.epochs': expected int, got 'many'"):
+        set_value(cfg, "train.epochs", "many")
+    with pytest.raises(ConfigError, match="'train.epochs': expected int, got 2.5"):
+        set_value(cfg, "train.epochs", 2.5)
+    with pytest.raises(ConfigError, match="model.method: unknown value 'ahfb'; did you mean 'ahbf'"):
+        build_config(overrides=[("model.method", "ahfb")])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("epochs")
+
+
+def test_docs_config_reference_is_current():
+    from ahbf.engine.config import reference_markdown
+
+    text = (CONFIGS.parent / "docs" / "training.md").read_text()
+    table = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
+    assert table == reference_markdown(), "regenerate the table in docs/training.md from reference_markdown()"
