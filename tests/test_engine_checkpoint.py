@@ -16,7 +16,8 @@ from ahbf.models import create_model
 
 def training_state():
     model = create_model("resnet8", "ahbf", 10, 3)
-    amp = AmpStepper(build_optimizer(model.parameters(), RunConfig().optim), model.parameters(), torch.device("cpu"), "fp16")
+    amp = AmpStepper(build_optimizer(model.parameters(), RunConfig().optim, "cpu", grad_scaling=True), model.parameters(),
+                     torch.device("cpu"), "fp16")
     out = model(torch.randn(4, 3, 8, 8))
     amp.step(sum(z.sum() for z in out.logits))  # fills momentum buffers and the scaler's state
     return {"model": model.state_dict(), "optim": amp.state_dict(), "epoch": 1, "step": 1, "spec": model.spec,
@@ -73,3 +74,14 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an ahbf-train checkpoint"):
         load_checkpoint(str(tmp_path / "plain.pt"))
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_without_corrupting_momentum():
+    """A skipped step (inf gradient) leaves weights and momentum alone (fused CPU SGD did not: see optim.py)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([p], RunConfig().optim, "cpu", grad_scaling=True)
+    amp = AmpStepper(opt, [p], torch.device("cpu"), "fp16")
+    amp.step((p * torch.tensor([1.0, float("inf"), 1.0])).sum())
+    assert torch.equal(p.detach(), torch.ones(3))
+    amp.step((p * 2).sum())
+    assert torch.isfinite(p).all() and (p < 1).all()

@@ -85,6 +85,9 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(run_dir, tmp_path):
     for k, v in a["optim"]["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], b["optim"]["optimizer"]["state"][k]["momentum_buffer"]), k
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    ra, rb = (json.load(open(d / "results.json")) for d in (run_dir, tmp_path))
+    assert (ra["checkpoint"], ra["best"], ra["test"]) == (rb["checkpoint"], rb["best"], rb["test"])
+    assert (tmp_path / "best.pt").exists()
 
 
 def test_eval_reproduces_the_runs_test_numbers(run_dir, capsys):

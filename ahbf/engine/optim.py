@@ -9,10 +9,18 @@ from torch import nn
 from .config import ConfigError, OptimConfig
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device | str = "cpu",
+                    grad_scaling: bool = False) -> torch.optim.Optimizer:
     """``impl``: fused (one kernel for all parameters; CPU and CUDA in torch >= 2.4), foreach (multi-tensor),
-    loop (per parameter), apex (NVIDIA apex FusedSGD, only if importable), auto (fused, else foreach)."""
+    loop (per parameter), apex (NVIDIA apex FusedSGD, only if importable), auto (fused, else foreach).
+
+    ``auto`` avoids fused SGD on CPU under fp16 loss scaling: there (torch 2.14) a step that the
+    GradScaler skips still corrupts the momentum buffer (1e20 weights one step later; measured)."""
     params = list(params)
+    cpu_scaled = torch.device(device).type == "cpu" and grad_scaling
+    if cfg.impl == "fused" and cpu_scaled:
+        raise ConfigError("optim.impl=fused with fp16 loss scaling on CPU corrupts the momentum after a skipped "
+                          "step; use optim.impl=foreach or another precision")
     kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.nesterov and cfg.momentum <= 0:
         raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
@@ -22,7 +30,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
         except ImportError:
             raise ConfigError("optim.impl=apex needs NVIDIA apex, which is not installed; use fused or auto") from None
         return FusedSGD(params, **kw)
-    if cfg.impl in ("auto", "fused"):
+    if cfg.impl == "fused" or (cfg.impl == "auto" and not cpu_scaled):
         try:
             return torch.optim.SGD(params, fused=True, **kw)
         except (RuntimeError, TypeError) as err:

@@ -72,8 +72,8 @@ class Trainer:
         self.model = create_model(m.arch, m.method, self.data.num_classes, m.num_branches, m.aux).to(env.device)
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.amp = AmpStepper(build_optimizer(self.model.parameters(), cfg.optim), self.model.parameters(),
-                              env.device, t.precision, cfg.optim.clip_grad)
+        optimizer = build_optimizer(self.model.parameters(), cfg.optim, env.device, t.precision == "fp16")
+        self.amp = AmpStepper(optimizer, self.model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
         train_fwd, eval_fwd = wrap_model(self.model, env, t.compile)
         graph = make_graph(m.method, m.num_branches, cfg.objective)
         self.task = OKDTask(train_fwd, graph, cfg.objective, self.amp.autocast, eval_model=eval_fwd)
@@ -214,21 +214,34 @@ class Trainer:
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.history, self.best = list(ckpt["history"]), ckpt["best"]
         set_rng_state(ckpt["rng"])
-        best_path = self.path("best.pt")
-        if self.best is not None and os.path.isfile(best_path):
-            self.best_state = load_checkpoint(best_path)["model"]
+        self._load_best(os.path.join(os.path.dirname(path) or ".", "best.pt"))
         self.log.info(f"resumed from {path}: {self.epoch} epochs ({self.step} steps) done")
+
+    def _load_best(self, path: str) -> None:
+        """The best weights of a resumed run: its best.pt (copied into this run's output if it is elsewhere)."""
+        if self.best is None or not os.path.isfile(path):
+            return
+        best = load_checkpoint(path)
+        if best["epoch"] != self.best["epoch"]:
+            return
+        self.best_state = best["model"]
+        target = self.path("best.pt")
+        if self.env.is_main and os.path.abspath(path) != os.path.abspath(target):
+            os.makedirs(self.cfg.train.output, exist_ok=True)
+            atomic_copy(path, target)
 
     # ----------------------------------------------------------------------------------- the end
     def finish(self, seconds: float) -> dict[str, Any]:
         """Test-set table of the best (val-chosen) weights, a line for the last weights, curves.png."""
         last = self.evaluate(self.data.test)
         chosen, results = "last", last
-        if self.best is not None and self.best_state is not None and self.best["epoch"] != self.epoch:
+        if self.best is not None and self.best["epoch"] == self.epoch:
+            chosen = "best"  # the last epoch is the best one
+        elif self.best is not None and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
             chosen, results = "best", self.evaluate(self.data.test)
         elif self.best is not None:
-            chosen = "best"  # the last epoch is the best one
+            self.log.info(f"best.pt of epoch {self.best['epoch']} not found; reporting the last weights")
         summary = {"checkpoint": chosen, "best": self.best, "epochs": self.epoch, "train_s": seconds,
                    "test": results, "test_last": last}
         if self.env.is_main:
@@ -238,7 +251,7 @@ class Trainer:
     def report(self, summary: dict[str, Any]) -> None:
         c, results, best = self.cfg, summary["test"], summary["best"]
         where = (f"best checkpoint, epoch {best['epoch']}, chosen on val top-1 {best['val_top1']:.2f}%"
-                 if summary["checkpoint"] == "best" else "last checkpoint, no val split")
+                 if summary["checkpoint"] == "best" else f"last checkpoint, epoch {self.epoch}")
         self.log.info("\n" + format_table(results, f"test set, {where}:"))
         self.log.info(f"last epoch: target test top-1 {summary['test_last'][TARGET]['top1']:.2f}%")
         self.log.info(f"TARGET ({TARGET}) TEST TOP-1: {results[TARGET]['top1']:.2f}%   "
