@@ -61,6 +61,15 @@ def test_a_few_steps_reduce_the_loss(method):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_task_calls_the_fused_objective_entry_point_with_the_configured_backend():
+    from ahbf.engine.task import objective_fn
+    from ahbf.kernels.okd import okd_loss
+
+    for backend in ("auto", "triton", "compiled", "eager"):
+        fn = objective_fn(backend)
+        assert fn.func is okd_loss and fn.keywords == {"backend": backend}
+
+
 def test_run_writes_every_output(run_dir):
     names = set(os.listdir(run_dir))
     assert {"last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt", "config.yaml", "metrics.csv", "curves.png",

@@ -13,7 +13,8 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from ..kernels import all_node_logits, build_graph, okd_objective_reference
+from ..kernels import all_node_logits, build_graph
+from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.graph import DistillGraph
 from ..models import default_aux
 from .config import ConfigError, ModelConfig, ObjectiveConfig
@@ -47,18 +48,10 @@ def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillG
 
 
 def objective_fn(backend: str) -> Callable:
-    """``okd_loss`` with the chosen backend when ``ahbf.kernels.okd`` exists; otherwise the eager reference
-    for ``auto`` / ``eager`` and a ``ConfigError`` for a backend that needs the fused kernels."""
-    try:
-        from ..kernels import okd
-    except ModuleNotFoundError as err:
-        if err.name != "ahbf.kernels.okd":
-            raise
-        if backend in ("auto", "eager"):
-            return okd_objective_reference
-        raise ConfigError(f"objective.backend={backend} needs ahbf.kernels.okd, which this installation lacks; "
-                          "use objective.backend=eager") from None
-    return functools.partial(okd.okd_loss, backend=backend)
+    """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"objective.backend: unknown value '{backend}'; choose from {', '.join(BACKENDS)}")
+    return functools.partial(okd_loss, backend=backend)
 
 
 class OKDTask:
