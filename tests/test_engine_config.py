@@ -91,9 +91,10 @@ def test_values_are_coerced_and_checked():
         parse_override("epochs")
 
 
-def test_docs_config_reference_is_current():
+@pytest.mark.parametrize("doc", ["docs/training.md", "README.md"])
+def test_docs_config_reference_is_current(doc):
     from ahbf.engine.config import reference_markdown
 
-    text = (CONFIGS.parent / "docs" / "training.md").read_text()
+    text = (CONFIGS.parent / doc).read_text()
     table = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
-    assert table == reference_markdown(), "regenerate the table in docs/training.md from reference_markdown()"
+    assert table == reference_markdown(), f"regenerate the table in {doc} from reference_markdown()"
