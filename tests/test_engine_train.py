@@ -150,3 +150,12 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
     assert train_main([*TINY, "-o", str(tmp_path), "--lr", "1e30", "--warmup-epochs", "0", "--log-interval", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("ahbf-train: error: non-finite loss at step 2"), err
+
+
+def test_a_final_batch_of_one_sample_is_skipped(tmp_path, capsys):
+    """58 training images in batches of 19 leave one image: BatchNorm cannot train on it, so it is skipped."""
+    args = [a if a != "16" else "19" for a in TINY]
+    assert train_main([*args, "--epochs", "1", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "it holds 1 sample" in out.out + out.err
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 3  # 3 full batches, the single one skipped

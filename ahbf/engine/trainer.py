@@ -84,6 +84,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self._maybe_resume()  # before writing anything: a refused checkpoint leaves the folder as it was
+        self.first_epoch = self.epoch
         if env.is_main:
             os.makedirs(t.output, exist_ok=True)
             with open(os.path.join(t.output, "config.yaml"), "w") as f:
@@ -133,6 +134,10 @@ class Trainer:
                    leave=False, disable=not (t.progress and self.env.is_main), dynamic_ncols=True)
         start, lr = time.perf_counter(), 0.0
         for i, (x, y) in enumerate(loader):
+            if len(y) < 2:  # BatchNorm cannot train on one sample; every rank has the same count, so all skip it
+                if epoch == self.first_epoch:
+                    self.log.info("skipping the last training batch of each epoch: it holds 1 sample (BatchNorm needs 2)")
+                continue
             lr = self.schedule(epoch, i)
             set_lr(self.amp.optimizer, lr)
             self.train_step(x, y)
