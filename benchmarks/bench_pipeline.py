@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.pipelines.dali import DaliFolderLoader, dali_available  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from ahbf.pipelines.folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ahbf.pipelines.scan import scan_folder  # noqa: E402
 from ahbf.pipelines.torch_folder import WORKER_START, TorchFolderLoader  # noqa: E402
@@ -109,14 +111,6 @@ def run_epoch(loader, epoch: int, device) -> tuple[float, float, float]:
     sync()
     seconds, cpu = time.perf_counter() - t0, tree_cpu_seconds() - cpu0
     return first, n / seconds, n / cpu if cpu > 0 else float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def versions() -> dict:

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.kernels import DistillGraph, build_graph, okd_loss  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from ahbf.kernels.reference import okd_objective_reference  # noqa: E402  (the timed baseline is the checked one)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -185,13 +187,7 @@ def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, 
 # ---- report
 
 def environment(device: str, threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cpu": cpu,
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cpu": cpu_name(),
            "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": "python " + " ".join(sys.argv)}

@@ -42,8 +42,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.analysis import branch_diversity  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from ahbf.engine.config import build_config  # noqa: E402
 from ahbf.engine.distributed import DistEnv  # noqa: E402
 from ahbf.engine.schedules import LRSchedule  # noqa: E402
@@ -500,13 +502,7 @@ def replot(out_dir: str = RESULTS, name: str = "digits") -> dict[str, Any]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}"
 
 
 def reproduce(protocol: Protocol | None = None, out_dir: str = RESULTS, name: str = "digits",
