@@ -92,7 +92,7 @@ def test_reproduce_tiny(tmp_path):
     rep = load_reproduce()
     p = rep.Protocol(seeds=[0, 1], epochs=1, per_class=3, image_size=8, batch_size=16, eval_batch_size=512)
     rep.reproduce(p, out_dir=str(tmp_path), name="tiny", work_dir=str(tmp_path / "work"),
-             command="pytest tiny", log=lambda *_: None)
+                  command="pytest tiny", log=lambda *_: None)
     files = rep.output_files(str(tmp_path), "tiny")
     for path in files.values():
         assert Path(path).is_file() and Path(path).stat().st_size > 0, path
