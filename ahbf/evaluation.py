@@ -21,18 +21,20 @@ def topk_correct(logits: Sequence[Tensor], labels: Tensor, k: int = 5) -> Tensor
 
 @torch.no_grad()
 def evaluate(predict: Callable[[Tensor], Sequence[Tensor]], batches: Iterable[tuple[Tensor, Tensor]],
-             names: Sequence[str], reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict[str, dict[str, float]]:
-    """``{name: {"top1": %, "top5": %}}`` over all batches; ``reduce`` all-reduces the counts (a sum)."""
-    counts, samples, device = None, 0, None
+             names: Sequence[str], reduce: Callable[[Tensor], Tensor] = lambda t: t,
+             device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """``{name: {"top1": %, "top5": %}}`` over all batches; ``reduce`` all-reduces the counts (a sum).
+
+    A rank whose shard is empty still takes part in ``reduce`` with zero counts (no DDP hang).
+    """
+    counts, samples = torch.zeros(len(names), 2, dtype=torch.long, device=device), 0
     for x, y in batches:
-        c = topk_correct(predict(x), y)
-        counts = c if counts is None else counts + c
+        counts = counts + topk_correct(predict(x), y).to(counts.device)
         samples += len(y)
-        device = y.device
-    if counts is None:
-        raise ValueError("evaluation split is empty")
-    total = reduce(torch.cat([counts.flatten(), torch.tensor([samples], device=device)]).double())
+    total = reduce(torch.cat([counts.flatten(), torch.tensor([samples], device=counts.device)]).double())
     n = total[-1].item()
+    if n == 0:
+        raise ValueError("evaluation split is empty")
     acc = (total[:-1].view(-1, 2) * 100.0 / n).tolist()
     out = {name: {"top1": a[0], "top5": a[1]} for name, a in zip(names, acc)}
     out["_samples"] = {"n": int(n)}

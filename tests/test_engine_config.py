@@ -98,3 +98,21 @@ def test_docs_config_reference_is_current(doc):
     text = (CONFIGS.parent / doc).read_text()
     table = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
     assert table == reference_markdown(), f"regenerate the table in {doc} from reference_markdown()"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("objective.T", 0, "objective.T must be > 0"),
+    ("data.batch_size", 0, "data.batch_size must be >= 1"),
+    ("data.eval_batch_size", 0, "data.eval_batch_size must be >= 1"),
+    ("schedule.gamma", -0.1, "schedule.gamma must be > 0"),
+    ("schedule.warmup_epochs", -1, "schedule.warmup_epochs must be >= 0"),
+    ("optim.lr", 0, "optim.lr must be > 0"),
+])
+def test_out_of_range_values_are_one_line_errors(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=[(key, value)])
+
+
+@pytest.mark.parametrize("value", ["10,20", "10 20", ["10,20"], ["10", "20"], [10, 20]])
+def test_milestones_accept_commas_and_spaces(value):
+    assert build_config(overrides=[("schedule.milestones", value)]).schedule.milestones == [10, 20]

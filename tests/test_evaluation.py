@@ -39,3 +39,16 @@ def test_reduce_sums_counts_across_ranks():
 def test_empty_split_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         evaluate(lambda x: [x], [], ["branch0"])
+
+
+def test_an_empty_shard_still_joins_the_reduction():
+    """Under DDP a rank with no evaluation batches must still all-reduce (with zeros), or the others hang."""
+    seen = []
+
+    def reduce(t):  # the other rank: 1 top-1 hit, 2 top-5 hits, 2 samples
+        seen.append(t.clone())
+        return t + torch.tensor([1.0, 2.0, 2.0], dtype=t.dtype)
+
+    m = evaluate(lambda x: [x], [], ["branch0"], reduce=reduce)
+    assert seen and seen[0].tolist() == [0.0, 0.0, 0.0]
+    assert m["branch0"] == {"top1": 50.0, "top5": 100.0} and m["_samples"]["n"] == 2

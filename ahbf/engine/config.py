@@ -71,7 +71,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """L2 weight decay (applied to every parameter, like the reference)"""
     impl: str = "auto"
-    """SGD implementation: auto (fused on CUDA, foreach on CPU) | fused | foreach | loop | apex (needs apex)"""
+    """SGD implementation: auto (fused; foreach under fp16 loss scaling on CPU) | fused | foreach | loop | apex (needs apex)"""
     clip_grad: float = 0.0
     """clip the global gradient norm to this value; 0 = off"""
 
@@ -202,10 +202,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         origin = typing.get_origin(typ)
     if origin is list:
         (item,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split()]
         if not isinstance(value, (list, tuple)):
             value = [value]
+        # "10,20", "10 20" and ["10,20"] (a CLI flag with nargs) all mean [10, 20]
+        value = [part for v in value for part in (str(v).replace(",", " ").split() if isinstance(v, str) else [v])]
         return [_coerce(key, v, item) for v in value]
     try:
         if typ is bool:
@@ -302,8 +302,17 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(choices)}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    if cfg.train.log_interval < 1:
-        raise ConfigError(f"train.log_interval must be >= 1, got {cfg.train.log_interval}")
+    positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
+    non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0}
+    for key, low in {**positive, **non_negative}.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key in ("objective.T", "schedule.gamma", "optim.lr"):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name) > 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     return cfg
 
 

@@ -164,7 +164,8 @@ class Trainer:
         self.model.eval()
         broadcast_buffers(self.model)
         try:
-            return evaluate(self.task.predict, batches, self.task.node_names, reduce=all_reduce)
+            return evaluate(self.task.predict, batches, self.task.node_names, reduce=all_reduce,
+                            device=self.env.device)
         finally:
             self.model.train()
 

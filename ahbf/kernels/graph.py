@@ -99,7 +99,7 @@ def one_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
 
 
 def dml_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
-    """DML (SPEC 5): each peer distils from the mean of the others (others detached by default)."""
+    """DML (SPEC 5): each peer gets the mean over the others of KL_T(peer || other) (others detached by default)."""
     M = num_branches
     if M < 2:
         raise ValueError(f"num_branches must be >= 2 for DML, got {M}")
