@@ -134,9 +134,10 @@ def test_non_contiguous_inputs():
     B, K = 5, 33
     z = [torch.randn(K, B).t() * 3 for _ in range(3)]               # transposed views
     s = [torch.randn(B, 4)[:, ::2] for _ in range(2)]               # strided columns
-    y = torch.randint(0, K, (B,))
-    assert not z[0].is_contiguous() and not s[0].is_contiguous()
+    y = torch.randint(0, K, (B, 2))[:, 1]                             # strided int64 labels
+    assert not z[0].is_contiguous() and not s[0].is_contiguous() and not y.is_contiguous()
     check_against_reference(z, s, y, g)
+    check_against_reference(z, s, y, g, backend="compiled")
 
 
 def test_mixed_branch_dtypes_and_int32_labels():

@@ -179,7 +179,9 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
         if z[0].dtype not in _TRITON_DTYPES:
             raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16, got {z[0].dtype}")
     z = [zi.contiguous() for zi in z]  # a copy only where a branch is not contiguous
-    labels = labels.long()
+    if labels.device != z[0].device:
+        raise ValueError(f"labels: on {labels.device}, the logits on {z[0].device}")
+    labels = labels.long().contiguous()  # the kernel reads labels with stride 1
     scores = score_matrix(s, graph, z[0]).contiguous()
     if not isinstance(kd_scale, Tensor):
         kd_scale = torch.full((), float(kd_scale), device=z[0].device)  # a fill, no host-to-device copy
