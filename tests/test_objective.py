@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ahbf.kernels import (ahbf_graph, build_graph, dml_graph, ensemble_logits, okd_objective_reference,
-                          one_graph)
+from ahbf.kernels import (DistillGraph, Ensemble, KLEdge, ahbf_graph, build_graph, dml_graph, ensemble_logits,
+                          okd_objective_reference, one_graph)
 from tests.utils import assert_close
 
 B, K, T = 6, 11, 3.0
@@ -155,3 +155,14 @@ def test_mismatched_inputs_give_one_line_errors(mutate, match):
 def test_bad_graph_arguments(method, M):
     with pytest.raises(ValueError, match="num_branches|method"):
         build_graph(method, M)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ensembles=(), ce_nodes=(), kl_edges=()), "ce_nodes"),
+    (dict(ensembles=(Ensemble((0, 1), 1),), ce_nodes=(0,), kl_edges=()), "score indices"),
+    (dict(ensembles=(), ce_nodes=(0,), kl_edges=(KLEdge(0, 0),)), "KL edge"),
+])
+def test_invalid_custom_graphs_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        DistillGraph("custom", 2, **kwargs)
+    assert "\n" not in str(err.value)

@@ -48,7 +48,12 @@ class DistillGraph:
         for k, ens in enumerate(self.ensembles):
             if len(ens.inputs) < 2 or any(not 0 <= i < self.num_branches + k for i in ens.inputs):
                 raise ValueError(f"ensemble {k} has invalid inputs {ens.inputs}")
+        scores = sorted({ens.score for ens in self.ensembles})
+        if scores != list(range(len(scores))):
+            raise ValueError(f"ensemble score indices must be 0..{len(scores) - 1} without gaps, got {scores}")
         nodes = range(self.num_nodes)
+        if not self.ce_nodes:
+            raise ValueError("ce_nodes: a graph needs at least one cross-entropy node")
         if any(n not in nodes for n in self.ce_nodes):
             raise ValueError(f"ce_nodes {self.ce_nodes} reference unknown nodes")
         for e in self.kl_edges:
