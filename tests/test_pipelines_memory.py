@@ -127,3 +127,10 @@ def test_missing_cifar_folder(tmp_path):
         cifar_arrays("cifar10", str(tmp_path / "none"), download=False)
     with pytest.raises(ValueError, match="unknown dataset"):
         build_data(DataConfig(dataset="mnist"))
+
+
+def test_a_holdout_that_leaves_no_training_images_is_an_error():
+    from ahbf.pipelines import DataConfig, build_data
+
+    with pytest.raises(ValueError, match="leaves no training images"):
+        build_data(DataConfig(dataset="synthetic", synthetic_samples=20, val_fraction=1.0))

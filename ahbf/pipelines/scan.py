@@ -185,15 +185,21 @@ def find_bad_image(paths: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def holdout_size(n: int, fraction: float) -> int:
+    """How many of ``n`` training samples ``fraction`` holds out (at least 1); a split leaving none is an error."""
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={fraction} leaves no training images (of {n})")
+    return n_val
+
+
 def holdout_split(images: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet | None]:
     """Holds out ``fraction`` of the training images (a fixed random subset: ``seed`` 0, independent of the
     run's seed) to choose the best checkpoint. Both parts keep the original order."""
     if fraction <= 0:
         return images, None
     n = len(images.samples)
-    n_val = max(1, int(round(n * fraction)))
-    if n_val >= n:
-        raise ValueError(f"val_fraction={fraction} leaves no training images (of {n})")
+    n_val = holdout_size(n, fraction)
     held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
     train = [s for i, s in enumerate(images.samples) if i not in held]
     val = [s for i, s in enumerate(images.samples) if i in held]

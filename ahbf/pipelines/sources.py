@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .scan import holdout_size
+
 # mean / std in [0, 1] units
 STATS = {
     "digits": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -64,5 +66,5 @@ def split_holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int =
     if fraction <= 0:
         return (x, y), None
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(y) * fraction)))
+    n_val = holdout_size(len(y), fraction)
     return (x[perm[n_val:]], y[perm[n_val:]]), (x[perm[:n_val]], y[perm[:n_val]])
