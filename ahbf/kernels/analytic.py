@@ -46,6 +46,9 @@ import torch
 from torch import Tensor
 
 from .graph import DistillGraph
+from .reference import compute_dtype
+
+TRITON_MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 of the Triton kernel
 
 TEACHER_NONE, TEACHER_SAME, TEACHER_OWN = 0, 1, 2  # how teacher-side KL gradients are formed (see mix_t)
 
@@ -175,7 +178,7 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
     """
     graph = enc.graph
     M = graph.num_branches
-    dt = torch.float64 if z[0].dtype == torch.float64 else torch.float32
+    dt = compute_dtype(z[0])
     B = z[0].shape[0]
     inv_b, inv_t = 1.0 / B, 1.0 / T
     nodes = [zi.to(dt) for zi in z]

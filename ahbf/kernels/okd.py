@@ -30,13 +30,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .analytic import GraphTensors, encode_graph, okd_analytic, score_matrix
+from .analytic import TRITON_MAX_BRANCHES, GraphTensors, encode_graph, okd_analytic, score_matrix
 from .graph import DistillGraph, Ensemble, KLEdge
-from .reference import check_inputs, okd_objective_reference
+from .reference import check_inputs, compute_dtype, okd_objective_reference
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-TRITON_MAX_BRANCHES = 8  # pointer slots of the Triton kernel (triton_okd.MAX_BRANCHES)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -113,7 +112,7 @@ def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor,
 
 @okd_fused.register_fake
 def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad):
-    dt = torch.float64 if z[0].dtype == torch.float64 else torch.float32
+    dt = compute_dtype(z[0])
     out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
     if not need_grad:
         return out

@@ -43,13 +43,14 @@ def check_inputs(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph
         raise ValueError(f"labels: expected shape ({shape[0]},), got {tuple(labels.shape)}")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The objective's math dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def all_node_logits(z: Sequence[Tensor], s: Sequence[Tensor], graph: DistillGraph) -> list[Tensor]:
     """Every node of the graph: the branch logits followed by the ensemble (TA) logits."""
-    dt = _compute_dtype(z[0])
+    dt = compute_dtype(z[0])
     nodes = [zi.to(dt) for zi in z]
     for ens in graph.ensembles:
         g = torch.softmax(s[ens.score].to(dt), dim=-1)

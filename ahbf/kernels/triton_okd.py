@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .analytic import GraphTensors
+from .analytic import TRITON_MAX_BRANCHES, GraphTensors
 
-MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 below (okd.TRITON_MAX_BRANCHES)
+MAX_BRANCHES = TRITON_MAX_BRANCHES  # pointer slots z0..z7 / dz0..dz7 below
 
 
 @triton.jit
