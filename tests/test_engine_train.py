@@ -159,3 +159,20 @@ def test_a_final_batch_of_one_sample_is_skipped(tmp_path, capsys):
     out = capsys.readouterr()
     assert "it holds 1 sample" in out.out + out.err
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 3  # 3 full batches, the single one skipped
+
+
+def test_eval_does_not_prescan_every_image(run_dir, monkeypatch):
+    """ahbf-eval must not check all training images up front (1.28M files for ImageNet) to evaluate a split."""
+    from ahbf.engine import evaluate as ev
+
+    seen, real = {}, ev.build_data
+
+    def spy(cfg, **kwargs):
+        seen["check_images"] = cfg.check_images
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(ev, "build_data", spy)
+    metrics = ev.run_eval(str(run_dir / "last.pt"))
+    assert seen["check_images"] == "none" and 0 <= metrics["branch0"]["top1"] <= 100
+    ev.run_eval(str(run_dir / "last.pt"), overrides=[("data.check_images", "full")])
+    assert seen["check_images"] == "full"
