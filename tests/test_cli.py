@@ -15,7 +15,7 @@ TRAIN_FLAGS = {
     "--momentum", "--wd", "--weight-decay", "--clip-grad", "--sched", "--milestones", "--warmup-epochs",
     "--temperature", "--kd-weight", "--rampup", "--objective-backend", "-o", "--output", "--resume", "--seed",
     "--device", "--precision", "--amp", "--no-amp", "--channels-last", "--no-channels-last", "--compile",
-    "--no-compile", "--deterministic", "--no-deterministic", "--log-interval", "--progress", "--no-progress",
+    "--no-compile", "--compile-mode", "--threads", "--sync-bn", "--no-sync-bn", "--deterministic", "--no-deterministic", "--log-interval", "--progress", "--no-progress",
 }
 EVAL_FLAGS = {"-h", "--help", "--split", "--dataset", "--data-dir", "-b", "--batch-size", "--device", "--precision"}
 EXPORT_FLAGS = {"-h", "--help", "-o", "--output"}

@@ -46,6 +46,9 @@ TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--precision",), "train.precision"),
     (("--channels-last",), "train.channels_last"),
     (("--compile",), "train.compile"),
+    (("--compile-mode",), "train.compile_mode"),
+    (("--threads",), "train.threads"),
+    (("--sync-bn",), "train.sync_bn"),
     (("--deterministic",), "train.deterministic"),
     (("--log-interval",), "train.log_interval"),
     (("--progress",), "train.progress"),
@@ -65,7 +68,11 @@ def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], ke
     shown = " ".join(map(str, default)) if isinstance(default, list) else default
     help_text = f"{doc} [{key}, default {shown}]".replace("%", "%%")
     kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=help_text)
-    if f.type in ("bool", bool):
+    if key == "train.compile":  # --compile alone = model (it was a boolean flag); --no-compile = off
+        parser.add_argument(*flags, nargs="?", const="model", metavar="{off,model,branches}", **kw)
+        parser.add_argument("--no-compile", dest=key, action="store_const", const="off", default=argparse.SUPPRESS,
+                            help="same as --compile off")
+    elif f.type in ("bool", bool):
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
     elif str(f.type).startswith("list"):
         parser.add_argument(*flags, nargs="+", metavar="N", **kw)

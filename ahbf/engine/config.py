@@ -36,16 +36,16 @@ class ModelConfig:
     """online-KD method: ahbf | one | dml | baseline (a plain single network)"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
-    aux: int = -1
-    """extra blocks per hierarchy level of AHBF branches; -1 = SPEC default (4 CIFAR, 2 ImageNet; 0 for one/dml)"""
+    aux: int | str = "auto"
+    """extra blocks per hierarchy level of AHBF branches (>= 0); auto = SPEC default (4 CIFAR, 2 ImageNet; 0 for one/dml)"""
 
 
 @dataclass
 class ObjectiveConfig:
     T: float = 3.0
     """distillation temperature"""
-    kd_weight: float = -1.0
-    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight); -1 = 1.5 for ahbf, 1.0 otherwise"""
+    kd_weight: float | str = "auto"
+    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight, >= 0); auto = 1.5 for ahbf, 1.0 otherwise"""
     lambda1: float = 1.0
     """AHBF: weight of the ensemble-KD (TA) terms L_ekd"""
     lambda2: float = 1.0
@@ -54,7 +54,7 @@ class ObjectiveConfig:
     """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf, else constant)"""
     rampup: float = 24.0
     """ramp-up length R in epochs of the sigmoid ramp (paper: 240 of 300); 0 = 0.5 from the start"""
-    detach_teacher: str = "auto"
+    detach_teacher: bool | str = "auto"
     """stop gradients into the teacher side of KL terms: true | false | auto (ahbf false, one/dml true)"""
     backend: str = "auto"
     """objective implementation: auto | triton | compiled | eager (the unfused reference)"""
@@ -74,6 +74,8 @@ class OptimConfig:
     """SGD implementation: auto (fused; foreach under fp16 loss scaling on CPU) | fused | foreach | loop | apex (needs apex)"""
     clip_grad: float = 0.0
     """clip the global gradient norm to this value; 0 = off"""
+    lr_base_batch: int = 0
+    """linear lr scaling: lr = optim.lr x global batch / lr_base_batch (global batch = data.batch_size x world size); 0 = off"""
 
 
 @dataclass
@@ -94,8 +96,10 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 30
     """number of training epochs"""
-    output: str = "runs/demo"
-    """output folder: checkpoints, config.yaml, metrics.csv, TensorBoard logs, curves.png"""
+    output: str = ""
+    """output folder (checkpoints, config.yaml, metrics.csv, TensorBoard logs, curves.png); empty = runs/<name>, or runs/<dataset>-<arch>-<method>-<date-time> without a name"""
+    name: str = ""
+    """run name: the output folder is runs/<name> (ignored when train.output is set)"""
     resume: str = ""
     """checkpoint to resume from: a path, or auto (= <output>/last.pt if it exists)"""
     seed: int = 0
@@ -106,16 +110,30 @@ class TrainConfig:
     """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA) | auto (bf16 where supported, else fp16)"""
     channels_last: bool = True
     """channels-last memory format for the model and the images"""
-    compile: bool = False
-    """torch.compile the model (slow first step; helps on GPUs, not measured to help on CPU)"""
+    compile: str = "off"
+    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph); true / false mean model / off"""
+    compile_mode: str = "default"
+    """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
+    threads: int = 0
+    """CPU threads of torch (torch.set_num_threads, set before any work); 0 = auto (available cores / local processes)"""
+    sync_bn: bool = False
+    """under DDP, convert BatchNorm to SyncBatchNorm (batch statistics over the global batch)"""
     deterministic: bool = False
     """deterministic algorithms (bitwise-reproducible runs and resumes; slower on GPU)"""
     log_interval: int = 20
     """steps between reads of the loss on the host (logging and the non-finite check)"""
     save_every: int = 0
     """also keep epoch_N.pt every N epochs; 0 = only last.pt and best.pt"""
+    checkpoint_every: str = "30m"
+    """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off = at epoch ends only"""
+    keep_last: int = 2
+    """checkpoints kept: last.pt plus last.1.pt ... (older ones); --resume auto falls back to them if last.pt is bad"""
+    overwrite: bool = False
+    """start afresh in an output folder that holds a previous run (deletes its checkpoints); default: refuse"""
+    dist_timeout: float = 600.0
+    """seconds a collective may wait for the other ranks (a hung or stopped rank) before the run fails"""
     progress: bool = True
-    """tqdm progress bars (rank 0)"""
+    """tqdm progress bars on rank 0 when the output is a terminal; otherwise (or off) a plain line every log_interval steps"""
     tensorboard: bool = True
     """write TensorBoard event files under <output>/tb"""
 
@@ -198,7 +216,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(typ):
             return None
-        (typ,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(options) > 1:  # e.g. bool | str ("auto"): the first type that takes the value
+            for option in options:
+                try:
+                    return _coerce(key, value, option)
+                except ConfigError:
+                    pass
+            names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
+            raise ConfigError(f"config key '{key}': expected {names}, got {value!r}")
+        (typ,) = options
         origin = typing.get_origin(typ)
     if origin is list:
         (item,) = typing.get_args(typ)
@@ -283,27 +310,36 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": METHODS,
     "model.arch": tuple(ARCHS),
     "objective.ramp": ("auto", "sigmoid", "constant"),
-    "objective.detach_teacher": ("auto", "true", "false"),
+    "objective.detach_teacher": ("auto", True, False),
     "objective.backend": BACKENDS,
     "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
     "schedule.name": ("multistep", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile": ("off", "model", "branches"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
+ALIASES: dict[str, dict[str, str]] = {"train.compile": {"true": "model", "false": "off"}}  # old boolean configs
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check the values that have a fixed set of choices (one-line ``ConfigError`` naming the key)."""
+    for key, aliases in ALIASES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        setattr(getattr(cfg, section), name, aliases.get(value, value))
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            shown = [str(c).lower() if isinstance(c, bool) else c for c in choices]
+            near = difflib.get_close_matches(str(value), shown, n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'? " if near else ""
-            raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(choices)}")
+            raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(shown)}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
-    non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0}
+    non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0,
+                    "train.threads": 0, "optim.lr_base_batch": 0}
     for key, low in {**positive, **non_negative}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
