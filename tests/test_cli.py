@@ -13,7 +13,7 @@ TRAIN_FLAGS = {
     "-h", "--help", "-c", "--config", "--arch", "--method", "--num-branches", "--aux", "--dataset", "--data-dir",
     "--download", "--no-download", "--image-size", "-b", "--batch-size", "-j", "--workers", "--epochs", "--lr",
     "--momentum", "--wd", "--weight-decay", "--clip-grad", "--sched", "--milestones", "--warmup-epochs",
-    "--temperature", "--kd-weight", "--rampup", "--objective-backend", "-o", "--output", "--resume", "--seed",
+    "--temperature", "--kd-weight", "--rampup", "--objective-backend", "-o", "--output", "--name", "--resume", "--seed",
     "--device", "--precision", "--amp", "--no-amp", "--channels-last", "--no-channels-last", "--compile",
     "--no-compile", "--compile-mode", "--threads", "--sync-bn", "--no-sync-bn", "--deterministic", "--no-deterministic", "--log-interval", "--progress", "--no-progress",
 }

@@ -77,8 +77,11 @@ def test_values_are_coerced_and_checked():
         assert cfg.schedule.milestones == [10, 20]
     set_value(cfg, *parse_override("optim.weight_decay=1e-4"))  # YAML reads 1e-4 as a string
     assert cfg.optim.weight_decay == 1e-4
-    set_value(cfg, *parse_override("objective.detach_teacher=true"))
-    assert cfg.objective.detach_teacher == "true"
+    for text, expected in (("true", True), ("'false'", False), ("auto", "auto")):  # a bool, or auto
+        set_value(cfg, *parse_override(f"objective.detach_teacher={text}"))
+        assert cfg.objective.detach_teacher is expected or cfg.objective.detach_teacher == expected == "auto"
+    with pytest.raises(ConfigError, match="objective.detach_teacher: unknown value 'maybe'; choose from auto, true, false"):
+        build_config(overrides=[("objective.detach_teacher", "maybe")])
     set_value(cfg, "train.compile", "yes")
     assert cfg.train.compile is True
     with pytest.raises(ConfigError, match="'train.epochs': expected int, got 'many'"):

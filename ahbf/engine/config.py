@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -349,7 +350,65 @@ def validate(cfg: RunConfig) -> RunConfig:
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
+    return check_ranges(cfg)
+
+
+AUTO_NUMBERS = ("model.aux", "objective.kd_weight")  # a number or "auto" (-1, the old sentinel, still means auto)
+RANGES: dict[str, tuple[float, float]] = {  # [low, high] (inclusive); checked after every float is finite
+    "model.num_branches": (1, 64), "model.aux": (0, 64), "objective.kd_weight": (0, math.inf),
+    "objective.lambda1": (0, math.inf), "objective.lambda2": (0, math.inf), "optim.momentum": (0, 0.999999),
+    "optim.weight_decay": (0, math.inf), "optim.clip_grad": (0, math.inf), "data.batch_size": (2, math.inf),
+    "data.val_fraction": (0, 0.99), "data.synthetic_classes": (2, math.inf), "data.synthetic_samples": (2, math.inf),
+    "data.seed": (0, 2 ** 63 - 1), "train.seed": (0, 2 ** 63 - 1), "train.keep_last": (1, math.inf),
+    "train.dist_timeout": (1, math.inf)}
+
+
+def check_ranges(cfg: RunConfig) -> RunConfig:
+    """Every numeric value in range, before any work starts (one-line ``ConfigError`` naming the key)."""
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+    for key in AUTO_NUMBERS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value == -1 or value == "auto":
+            setattr(getattr(cfg, section), name, "auto")
+        elif isinstance(value, str):
+            raise ConfigError(f"{key} must be a number or auto, got '{value}'")
+    for key, (low, high) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != "auto" and not low <= value <= high:
+            raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
+                              else f"{key} must be >= {low}, got {value}")
+    if cfg.model.method != "baseline" and cfg.model.num_branches < 2:
+        raise ConfigError(f"model.num_branches must be >= 2 for {cfg.model.method}, got {cfg.model.num_branches}")
+    if not 0 <= cfg.schedule.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"schedule.min_lr must be in [0, optim.lr = {cfg.optim.lr}], got {cfg.schedule.min_lr}")
+    if any(m < 0 for m in cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones must be epochs >= 0, got {cfg.schedule.milestones}")
+    if cfg.data.image_size != 0 and cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be 0 (the data set's default) or >= 8, got {cfg.data.image_size}")
+    parse_interval(cfg.train.checkpoint_every)
     return cfg
+
+
+def parse_interval(text: str) -> tuple[str, float]:
+    """``train.checkpoint_every``: "off" -> ("off", 0), "500" -> ("steps", 500), "30m" -> ("minutes", 30)."""
+    text = str(text).strip().lower()
+    if text in ("off", "0", "", "false"):
+        return "off", 0.0
+    unit = "minutes" if text.endswith(("m", "min")) else "steps"
+    number = text.removesuffix("min").removesuffix("m")
+    try:
+        value = float(number) if unit == "minutes" else int(number)
+    except ValueError:
+        value = -1
+    if not (0 < value < math.inf):
+        raise ConfigError(f"train.checkpoint_every must be off, a number of steps (500) or of minutes (30m), got '{text}'")
+    return unit, float(value)
 
 
 def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -> RunConfig:

@@ -23,7 +23,7 @@ from .schedules import kd_ramp
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Fill the 'SPEC default' values of the model config."""
-    aux = default_aux(cfg.arch, cfg.method) if cfg.aux < 0 else cfg.aux
+    aux = default_aux(cfg.arch, cfg.method) if cfg.aux in ("auto", -1) else cfg.aux
     branches = 1 if cfg.method == "baseline" else cfg.num_branches
     return dataclasses.replace(cfg, aux=aux, num_branches=branches)
 
@@ -33,15 +33,15 @@ def resolve_objective(cfg: ObjectiveConfig, method: str) -> ObjectiveConfig:
     ahbf = method == "ahbf"
     return dataclasses.replace(
         cfg,
-        kd_weight=(1.5 if ahbf else 1.0) if cfg.kd_weight < 0 else cfg.kd_weight,
+        kd_weight=(1.5 if ahbf else 1.0) if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
         ramp=("sigmoid" if ahbf else "constant") if cfg.ramp == "auto" else cfg.ramp,
-        detach_teacher=("false" if ahbf else "true") if cfg.detach_teacher == "auto" else cfg.detach_teacher)
+        detach_teacher=(not ahbf) if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:
     kw = {}
     if method != "baseline":
-        kw["detach_teacher"] = cfg.detach_teacher == "true"
+        kw["detach_teacher"] = resolve_objective(cfg, method).detach_teacher is True
     if method == "ahbf":
         kw.update(lambda1=cfg.lambda1, lambda2=cfg.lambda2)
     return build_graph(method, num_branches, **kw)
