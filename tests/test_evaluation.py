@@ -47,8 +47,17 @@ def test_an_empty_shard_still_joins_the_reduction():
 
     def reduce(t):  # the other rank: 1 top-1 hit, 2 top-5 hits, 2 samples
         seen.append(t.clone())
-        return t + torch.tensor([1.0, 2.0, 2.0], dtype=t.dtype)
+        return t + torch.tensor([1.0, 2.0, 3.0, 2.0], dtype=t.dtype)  # ... and a loss sum of 3
 
     m = evaluate(lambda x: [x], [], ["branch0"], reduce=reduce)
-    assert seen and seen[0].tolist() == [0.0, 0.0, 0.0]
-    assert m["branch0"] == {"top1": 50.0, "top5": 100.0} and m["_samples"]["n"] == 2
+    assert seen and seen[0].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert m["branch0"] == {"top1": 50.0, "top5": 100.0, "loss": 1.5} and m["_samples"]["n"] == 2
+
+
+def test_loss_is_the_sample_weighted_cross_entropy():
+    torch.manual_seed(0)
+    z, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 5, (7,))
+    batches = [(z[:4], y[:4]), (z[4:], y[4:])]
+    m = evaluate(lambda x: [x, 2 * x], batches, ["branch0", "ta0"])
+    assert m["branch0"]["loss"] == pytest.approx(torch.nn.functional.cross_entropy(z, y).item(), rel=1e-6)
+    assert m["ta0"]["loss"] == pytest.approx(torch.nn.functional.cross_entropy(2 * z, y).item(), rel=1e-6)

@@ -29,7 +29,8 @@ def _in_memory(cfg: DataConfig, rank: int, world_size: int, device) -> DataBundl
 
     train_loader = DeviceTensorLoader(*train, cfg.batch_size, train=True, pad=max(1, size // 8) if cfg.augment else 0,
                                       flip=flip and cfg.augment, seed=cfg.seed, **common)
-    return DataBundle(train_loader, evaluation(val), evaluation(test), k, size)
+    sizes = {"train": len(train[1]), "val": 0 if val is None else len(val[1]), "test": len(test[1])}
+    return DataBundle(train_loader, evaluation(val), evaluation(test), k, size, sizes)
 
 
 def build_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,

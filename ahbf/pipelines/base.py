@@ -1,7 +1,7 @@
 """The loader interface every data pipeline implements, and its config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import torch
@@ -81,3 +81,9 @@ class DataBundle:
     test: Batches
     num_classes: int
     image_size: int
+    sizes: dict[str, int] = field(default_factory=dict)
+    """images per split over all ranks (train / val / test), before any padding of the shards"""
+    backend: str = "memory"
+    """what was chosen: memory (tensors on the device) | dali | torch"""
+    check_images: str = "none"
+    """the image check that ran (what ``check_images=auto`` became)"""

@@ -12,7 +12,7 @@ import torch
 
 from .base import DataBundle, DataConfig, resolve_dtype
 from .dali import DaliFolderLoader, dali_available
-from .scan import check_images, holdout_split, read_file_list, scan_folder
+from .scan import FULL_CHECK_LIMIT, check_images, holdout_split, read_file_list, scan_folder
 from .torch_folder import TorchFolderLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,7 +48,9 @@ def build_folder_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
         raise ValueError(f"class folders differ between {cfg.root}/train ({len(train.classes)}) and "
                          f"{cfg.root}/val ({len(test.classes)})")
     num_classes = max(len(train.classes), len(test.classes))
+    check = cfg.check_images if cfg.check_images != "auto" else "full" if len(train.samples) <= FULL_CHECK_LIMIT else "header"
     train, val = holdout_split(train, cfg.val_fraction)
+    sizes = {"train": len(train.samples), "val": 0 if val is None else len(val.samples), "test": len(test.samples)}
     loader = DaliFolderLoader if backend == "dali" else TorchFolderLoader
     common = dict(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=cfg.workers, seed=cfg.seed,
                   rank=rank, world_size=world_size, device=device, dtype=dtype)
@@ -57,4 +59,4 @@ def build_folder_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
         return None if images is None else loader(images, train=False, batch_size=cfg.eval_batch_size, **common)
 
     train_loader = loader(train, train=True, batch_size=cfg.batch_size, augment=cfg.augment, **common)
-    return DataBundle(train_loader, evaluation(val), evaluation(test), num_classes, size)
+    return DataBundle(train_loader, evaluation(val), evaluation(test), num_classes, size, sizes, backend, check)
