@@ -1,18 +1,27 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, architecture checks, RNG state.
+"""Checkpoints: atomic writes, ``weights_only`` loads, checksums, rotation, architecture checks, RNG state.
 
 A checkpoint is a dict of tensors and primitive containers only (the config as a plain dict), so it
-loads with ``torch.load(..., weights_only=True)``.
+loads with ``torch.load(..., weights_only=True)``. ``save_checkpoint`` adds a SHA-256 of every tensor
+(``checksum``) and the package version; ``load_checkpoint`` verifies the checksum. ``last.pt`` is the
+newest checkpoint, ``last.1.pt`` ... the older ones kept (``train.keep_last``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from torch import nn
+
+from .. import __version__
 
 SPEC_KEYS = ("arch", "method", "num_classes", "num_branches", "aux")
+RESUME_KEYS = ("model", "optim", "epoch", "step", "spec", "history", "rng")
+_TEMPORARY = re.compile(r"\.tmp\d*$")
 
 
 class CheckpointError(ValueError):
@@ -44,17 +53,104 @@ def atomic_copy(src: str, dst: str) -> None:
             os.remove(tmp)
 
 
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in nested dicts / lists, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of every tensor of the checkpoint (``checksum`` left out)."""
+    h = hashlib.sha256()
+    for name, t in _tensors({k: v for k, v in state.items() if k != "checksum"}):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def non_finite(state: Any) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or inf (one host sync in all)."""
+    named = [(n, t) for n, t in _tensors(state) if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True) for _, t in named]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
+def older(path: str, i: int) -> str:
+    """``last.pt`` -> ``last.<i>.pt`` (``i`` = 0: the path itself)."""
+    root, ext = os.path.splitext(path)
+    return path if i == 0 else f"{root}.{i}{ext}"
+
+
+def save_checkpoint(state: dict[str, Any], path: str, keep_last: int = 1) -> None:
+    """Write ``state`` (with its checksum and the package version) to ``path`` atomically, after moving the
+    previous ``path`` to ``<path>.1`` ... (``keep_last`` files in all; each move is one atomic rename)."""
+    state = {**state, "version": __version__}
+    state["checksum"] = checksum(state)
+    for i in range(keep_last - 1, 0, -1):
+        if os.path.exists(older(path, i - 1)):
+            os.replace(older(path, i - 1), older(path, i))
+    i = keep_last
+    while os.path.exists(older(path, i)):  # beyond keep_last (a resumed run may keep fewer)
+        os.remove(older(path, i))
+        i += 1
+    atomic_save(state, path)
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete the ``*.tmp<pid>`` files a killed run left behind (call while holding the folder's lock)."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if _TEMPORARY.search(name) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load on the CPU with ``weights_only=True``; check that it is an ahbf training checkpoint."""
+    """Load on the CPU with ``weights_only=True``; check that it is an ahbf training checkpoint and that its
+    tensors match its checksum (files written before checksums existed are not checked)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means "not a readable checkpoint"
-        raise CheckpointError(f"cannot read checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
         raise CheckpointError(f"{path} is not an ahbf-train checkpoint (no 'model' and 'spec' entries)")
+    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match its checksum")
     return ckpt
+
+
+def check_resumable(ckpt: dict[str, Any], path: str) -> None:
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot resume a run: no {', '.join(repr(k) for k in missing)} "
+                              "entries (it is not a training checkpoint of ahbf-train)")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``model.load_state_dict(state)`` after checking names and shapes: one line naming what does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    problems = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                for what, v in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped)) if v]
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model: {'; '.join(problems)} tensors")
+    model.load_state_dict(state)
 
 
 def describe(spec: dict[str, Any]) -> str:
@@ -83,3 +179,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)  # older files: all devices
+
+
+def newest_first(path: str) -> list[str]:
+    """``path`` (e.g. last.pt) and its older copies last.1.pt, last.2.pt ... that exist, newest first."""
+    folder, name = os.path.split(path)
+    root, ext = os.path.splitext(name)
+    pattern = re.compile(rf"^{re.escape(root)}\.(\d+){re.escape(ext)}$")
+    found = sorted((int(m.group(1)), f) for f in (os.listdir(folder or ".") if os.path.isdir(folder or ".") else [])
+                   if (m := pattern.match(f)))
+    return ([path] if os.path.isfile(path) else []) + [os.path.join(folder, f) for _, f in found]
