@@ -52,11 +52,15 @@ class ObjectiveConfig:
     lambda2: float = 1.0
     """AHBF: weight of the branch-to-branch terms L_dkd"""
     ramp: str = "auto"
-    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf, else constant)"""
+    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | consistency (exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf; consistency for cl_ilr, okddip, pcl; else constant)"""
     rampup: float = 24.0
-    """ramp-up length R in epochs of the sigmoid ramp (paper: 240 of 300); 0 = 0.5 from the start"""
+    """ramp-up length R in epochs of the sigmoid / consistency ramp (AHBF paper: 240 of 300; OKDDip code: 80); 0 = no ramp (0.5 / 1 from the start)"""
     detach_teacher: bool | str = "auto"
-    """stop gradients into the teacher side of KL terms: true | false | auto (ahbf false, one/dml true)"""
+    """stop gradients into the teacher side of KL terms: true | false | auto (as each method's public code: ahbf, cl_ilr, okddip false; one, dml, kdcl, pcl true)"""
+    kdcl_target: str = "minlogit"
+    """KDCL soft target: minlogit (min over peers of z - z_label) | naive (the peers' mean logits)"""
+    ema_decay: float = 0.999
+    """PCL: decay of the temporal-mean (EMA) network, in [0, 1)"""
     backend: str = "auto"
     """objective implementation: auto | triton | compiled | eager (the unfused reference)"""
 
@@ -310,7 +314,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": METHODS,
     "model.arch": tuple(ARCHS),
-    "objective.ramp": ("auto", "sigmoid", "constant"),
+    "objective.ramp": ("auto", "sigmoid", "consistency", "constant"),
+    "objective.kdcl_target": ("minlogit", "naive"),
     "objective.detach_teacher": ("auto", True, False),
     "objective.backend": BACKENDS,
     "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
@@ -356,7 +361,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 AUTO_NUMBERS = ("model.aux", "objective.kd_weight")  # a number or "auto" (-1, the old sentinel, still means auto)
 RANGES: dict[str, tuple[float, float]] = {  # [low, high] (inclusive); checked after every float is finite
     "model.num_branches": (1, 64), "model.aux": (0, 64), "objective.kd_weight": (0, math.inf),
-    "objective.lambda1": (0, math.inf), "objective.lambda2": (0, math.inf), "optim.momentum": (0, 0.999999),
+    "objective.lambda1": (0, math.inf), "objective.lambda2": (0, math.inf), "objective.ema_decay": (0, 0.999999),
+    "optim.momentum": (0, 0.999999),
     "optim.weight_decay": (0, math.inf), "optim.clip_grad": (0, math.inf), "data.batch_size": (2, math.inf),
     "data.val_fraction": (0, 0.99), "data.synthetic_classes": (2, math.inf), "data.synthetic_samples": (2, math.inf),
     "data.seed": (0, 2 ** 63 - 1), "train.seed": (0, 2 ** 63 - 1), "train.keep_last": (1, math.inf),

@@ -20,12 +20,21 @@ def sigmoid_rampup(epoch: float, rampup: float) -> float:
 
 
 def kd_ramp(kind: str, epoch: float, rampup: float) -> float:
-    """The ramp factor of the KD terms: ``sigmoid`` (AHBF) or ``constant`` (1, natural for DML / ONE)."""
+    """The ramp factor of the KD terms: ``sigmoid`` (AHBF), ``consistency`` (the same curve from 0 to 1,
+    ``exp(-5 * (1 - min(epoch, R) / R)^2)``, 1 when R = 0: the mean-teacher ramp of CL-ILR / OKDDip / PCL)
+    or ``constant`` (1, natural for DML / ONE / KDCL)."""
     if kind == "sigmoid":
         return sigmoid_rampup(epoch, rampup)
+    if kind == "consistency":
+        return 2.0 * sigmoid_rampup(epoch, rampup) if rampup > 0 else 1.0
     if kind == "constant":
         return 1.0
-    raise ValueError(f"objective.ramp: unknown ramp '{kind}'; choose from sigmoid, constant")
+    raise ValueError(f"objective.ramp: unknown ramp '{kind}'; choose from sigmoid, consistency, constant")
+
+
+def scaled_lr(lr: float, base_batch: int, global_batch: int) -> float:
+    """The linear scaling rule: ``lr * global_batch / base_batch``; ``lr`` itself when ``base_batch`` is 0."""
+    return lr * global_batch / base_batch if base_batch > 0 else lr
 
 
 class LRSchedule:

@@ -1,7 +1,8 @@
 """The task: forward + objective of one online-KD method, returning named loss terms.
 
 The trainer calls ``task(x, y)`` and gets ``{"loss", "ce", "kd"}``; it never knows which method runs.
-Everything method-specific (distillation graph, T, kd_weight, lambdas, KD ramp) lives here.
+Everything method-specific (distillation graph, T, kd_weight, lambdas, KD ramp, KDCL's label-built
+target, PCL's EMA update after each step) lives here.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import all_node_logits, build_graph
+from ..kernels.graph import DEFAULT_DETACH, DistillGraph
 from ..kernels.okd import BACKENDS, okd_loss
-from ..kernels.graph import DistillGraph
+from ..kernels.reference import minlogit_target
 from ..models import default_aux
 from .config import ConfigError, ModelConfig, ObjectiveConfig
 from .schedules import kd_ramp
@@ -28,14 +30,17 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, aux=aux, num_branches=branches)
 
 
+DEFAULT_RAMP = {"ahbf": "sigmoid", "cl_ilr": "consistency", "okddip": "consistency", "pcl": "consistency"}
+
+
 def resolve_objective(cfg: ObjectiveConfig, method: str) -> ObjectiveConfig:
     """Fill the method-dependent 'auto' values of the objective config."""
     ahbf = method == "ahbf"
     return dataclasses.replace(
         cfg,
         kd_weight=(1.5 if ahbf else 1.0) if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
-        ramp=("sigmoid" if ahbf else "constant") if cfg.ramp == "auto" else cfg.ramp,
-        detach_teacher=(not ahbf) if cfg.detach_teacher == "auto" else cfg.detach_teacher)
+        ramp=DEFAULT_RAMP.get(method, "constant") if cfg.ramp == "auto" else cfg.ramp,
+        detach_teacher=DEFAULT_DETACH.get(method, True) if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:
@@ -44,7 +49,16 @@ def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillG
         kw["detach_teacher"] = resolve_objective(cfg, method).detach_teacher is True
     if method == "ahbf":
         kw.update(lambda1=cfg.lambda1, lambda2=cfg.lambda2)
+    if method == "kdcl":
+        kw["variant"] = cfg.kdcl_target
     return build_graph(method, num_branches, **kw)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / torch.compile wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, torch._dynamo.eval_frame.OptimizedModule)):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 
 def objective_fn(backend: str) -> Callable:
@@ -63,6 +77,8 @@ class OKDTask:
         self.model, self.graph, self.cfg, self.autocast = model, graph, cfg, autocast
         self.eval_model = model if eval_model is None else eval_model
         self.objective = objective_fn(cfg.backend)
+        # KDCL-MinLogit: the soft target is built from the labels, so it is an input of training only
+        self.minlogit = graph.name == "kdcl" and graph.names[-1:] == ("minlogit",)
         self.kd_scale = 0.0
         self.set_epoch(0)
 
@@ -72,12 +88,20 @@ class OKDTask:
     def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         with self.autocast():
             out = self.model(x)
-        loss, terms = self.objective(out.logits, out.scores, y, self.graph, self.cfg.T, self.kd_scale)
+        logits = [*out.logits, minlogit_target(out.logits, y)] if self.minlogit else out.logits
+        loss, terms = self.objective(logits, out.scores, y, self.graph, self.cfg.T, self.kd_scale)
         return {"loss": loss, **terms}
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step: PCL's temporal-mean (EMA) update."""
+        update = getattr(unwrap(self.model), "update_ema", None)
+        if update is not None:
+            update(self.cfg.ema_decay)
 
     @property
     def node_names(self) -> list[str]:
-        return [self.graph.node_name(n) for n in range(self.graph.num_nodes)]
+        """Every node that ``predict`` returns (not KDCL's label-built target)."""
+        return [self.graph.node_name(n) for n in range(self.graph.num_nodes - int(self.minlogit))]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> list[Tensor]:

@@ -157,6 +157,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         terms = self.task(x, y)
         self.amp.step(terms["loss"])
+        self.task.after_step()  # PCL: EMA update (its weights live in the model's state dict)
         self.step += 1
         self.meter.update(terms, self.step)
 

@@ -58,9 +58,9 @@ class GraphTensors:
     """A distillation graph as small tensors on one device.
 
     Score columns: the fused op reads one ``B x S`` score matrix (:func:`score_matrix`), the
-    concatenation of ``s[ens.score]`` over the ensembles in order, so ensemble ``k`` owns columns
-    ``ens_col[k] : ens_col[k] + ens_width[k]``. A score tensor used by two ensembles appears twice;
-    autograd of the concatenation sums its gradient back.
+    concatenation of ``s[ens.score]`` (zeros for an equal-weight ensemble) over the ensembles in order,
+    so ensemble ``k`` owns columns ``ens_col[k] : ens_col[k] + ens_width[k]``. A score tensor used by
+    two ensembles appears twice; autograd of the concatenation sums its gradient back.
     """
 
     graph: DistillGraph
@@ -154,7 +154,10 @@ def score_matrix(s: Sequence[Tensor], graph: DistillGraph, like: Tensor) -> Tens
     order = [e.score for e in graph.ensembles]
     if order == [0]:
         return s[0]
-    return torch.cat([s[j] for j in order], dim=1)
+    dt = s[0].dtype if s else like.dtype
+    zeros = {len(e.inputs): like.new_zeros((like.shape[0], len(e.inputs)), dtype=dt)
+             for e in graph.ensembles if e.score is None}  # equal-weight ensembles: softmax(0) = 1/n
+    return torch.cat([zeros[len(e.inputs)] if e.score is None else s[e.score] for e in graph.ensembles], dim=1)
 
 
 def _mix_row(row: tuple[tuple[int, float], ...], xs: list[Tensor]) -> Tensor | None:

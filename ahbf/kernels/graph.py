@@ -3,13 +3,16 @@
 Node ids: ``0 .. M-1`` are the branch logits ``z_i`` (0 = target branch); ``M + k`` is the k-th
 gated ensemble ``e_k`` (a teacher assistant for AHBF, the gated ensemble for ONE). An ensemble
 combines earlier nodes with per-sample weights ``softmax(s[score])``; its score tensor is
-``B x len(inputs)``. The objective (SPEC 4) is
+``B x len(inputs)`` (``score=None``: fixed equal weights, the plain mean of its inputs). Input nodes
+need not be trainable branches: a model or task may append constant teachers (EMA peers, a
+label-dependent target) as extra inputs whose KL edges are detached; ``names`` labels the nodes.
+The objective (SPEC 4) is
 
     L = sum_{n in ce_nodes} CE(node_n, y) + kd_scale * sum_{edges} weight * KL_T(student || teacher)
 
 with ``KL_T(s || t) = T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over the batch. AHBF, ONE,
-DML and the plain baseline are four constructors of this one structure; the eager reference and the
-fused kernels all read it.
+DML, CL-ILR, OKDDip, KDCL, PCL and the plain baseline are constructors of this one structure
+(docs/methods.md); the eager reference and the fused kernels all read it.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Ensemble:
-    """A gated ensemble node: ``sum_j softmax(s[score])[:, j] * node[inputs[j]]``."""
+    """A gated ensemble node: ``sum_j softmax(s[score])[:, j] * node[inputs[j]]``; ``score=None``: the mean."""
 
     inputs: tuple[int, ...]
-    score: int
+    score: int | None
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class DistillGraph:
     ensembles: tuple[Ensemble, ...]
     ce_nodes: tuple[int, ...]
     kl_edges: tuple[KLEdge, ...]
+    names: tuple[str, ...] = ()
+    """optional node names (evaluation tables); empty: branch<i> / ta<k>"""
 
     def __post_init__(self):
         if self.num_branches < 1:
@@ -48,7 +53,7 @@ class DistillGraph:
         for k, ens in enumerate(self.ensembles):
             if len(ens.inputs) < 2 or any(not 0 <= i < self.num_branches + k for i in ens.inputs):
                 raise ValueError(f"ensemble {k} has invalid inputs {ens.inputs}")
-        scores = sorted({ens.score for ens in self.ensembles})
+        scores = sorted({ens.score for ens in self.ensembles if ens.score is not None})
         if scores != list(range(len(scores))):
             raise ValueError(f"ensemble score indices must be 0..{len(scores) - 1} without gaps, got {scores}")
         nodes = range(self.num_nodes)
@@ -59,6 +64,8 @@ class DistillGraph:
         for e in self.kl_edges:
             if e.student not in nodes or e.teacher not in nodes or e.student == e.teacher:
                 raise ValueError(f"invalid KL edge {e}")
+        if self.names and len(self.names) != self.num_nodes:
+            raise ValueError(f"names: expected {self.num_nodes} node names, got {len(self.names)}")
 
     @property
     def num_nodes(self) -> int:
@@ -69,11 +76,15 @@ class DistillGraph:
         """Width of each score tensor ``s[j]`` the model must return (in score-index order)."""
         widths: dict[int, int] = {}
         for ens in self.ensembles:
+            if ens.score is None:
+                continue
             if widths.setdefault(ens.score, len(ens.inputs)) != len(ens.inputs):
                 raise ValueError(f"score {ens.score} is used with two different widths")
         return tuple(widths[j] for j in range(len(widths)))
 
     def node_name(self, n: int) -> str:
+        if self.names:
+            return self.names[n]
         return f"branch{n}" if n < self.num_branches else f"ta{n - self.num_branches}"
 
 
@@ -118,11 +129,92 @@ def baseline_graph() -> DistillGraph:
     return DistillGraph("baseline", 1, (), (0,), ())
 
 
-GRAPHS = {"ahbf": ahbf_graph, "one": one_graph, "dml": dml_graph}
+def _check_branches(method: str, M: int, low: int) -> None:
+    if M < low:
+        raise ValueError(f"num_branches must be >= {low} for {method}, got {M}")
+
+
+def _mean_node(inputs: tuple[int, ...], ensembles: list[Ensemble], first_node: int) -> int:
+    """The node holding the plain mean of ``inputs``: the input itself if there is one, else a new ensemble."""
+    if len(inputs) == 1:
+        return inputs[0]
+    ensembles.append(Ensemble(inputs, None))
+    return first_node + len(ensembles) - 1
+
+
+def branch_names(M: int) -> tuple[str, ...]:
+    return tuple(f"branch{i}" for i in range(M))
+
+
+def cl_ilr_graph(num_branches: int, detach_teacher: bool = False) -> DistillGraph:
+    """CL-ILR (DefangChen/OKDDip ``train_one.py --avg``): each branch distils from the mean of the others'
+    logits; the public code does not detach that target. No CE on the targets."""
+    M = num_branches
+    _check_branches("cl_ilr", M, 2)
+    ensembles: list[Ensemble] = []
+    targets = [_mean_node(tuple(j for j in range(M) if j != k), ensembles, M) for k in range(M)]
+    edges = tuple(KLEdge(k, t, 1.0, detach_teacher) for k, t in enumerate(targets))
+    names = branch_names(M) + tuple(f"mean_others{k}" for k in range(M) if targets[k] >= M)
+    return DistillGraph("cl_ilr", M, tuple(ensembles), tuple(range(M)), edges, names)
+
+
+def okddip_graph(num_branches: int, detach_teacher: bool = False) -> DistillGraph:
+    """OKDDip (``train_GL.py``): branch 0 is the group leader, branches 1..M-1 the auxiliary peers.
+
+    Peer i distils from its own attention ensemble of all peers (score tensor i-1: the B x (M-1)
+    attention energies of peer i, softmaxed here); the leader distils from the peers' mean. CE on every
+    branch; the public code detaches no target.
+    """
+    M = num_branches
+    _check_branches("okddip", M, 3)
+    peers = tuple(range(1, M))
+    ensembles = [Ensemble(peers, k) for k in range(M - 1)] + [Ensemble(peers, None)]
+    edges = tuple(KLEdge(i, M + i - 1, 1.0, detach_teacher) for i in peers) + (KLEdge(0, 2 * M - 1, 1.0, detach_teacher),)
+    names = branch_names(M) + tuple(f"peer_target{i}" for i in peers) + ("peer_mean",)
+    return DistillGraph("okddip", M, tuple(ensembles), tuple(range(M)), edges, names)
+
+
+def kdcl_graph(num_branches: int, detach_teacher: bool = True, variant: str = "minlogit") -> DistillGraph:
+    """KDCL (Guo et al. 2020): every peer distils from one soft target built from all peers' logits.
+
+    ``minlogit``: the target is an extra input node M (``min_m (z^m - z^m_y)``, built by the task from the
+    labels, a constant); ``naive``: the target is the peers' mean logits (an equal-weight ensemble).
+    """
+    M = num_branches
+    _check_branches("kdcl", M, 2)
+    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
+    if variant == "minlogit":
+        return DistillGraph("kdcl", M + 1, (), tuple(range(M)), edges, branch_names(M) + ("minlogit",))
+    if variant == "naive":
+        ens = (Ensemble(tuple(range(M)), None),)
+        return DistillGraph("kdcl", M, ens, tuple(range(M)), edges, branch_names(M) + ("peer_mean",))
+    raise ValueError(f"kdcl variant: unknown value {variant!r}; choose from minlogit, naive")
+
+
+def pcl_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
+    """PCL (Wu & Gong 2021). Inputs: M peers, the peer-ensemble head (node M), the M temporal-mean (EMA)
+    peers (nodes M+1..2M, constants from the model). CE on the peers and the head; each peer distils from
+    the head (L_pe) and from the mean of the other peers' EMA logits (L_pm, the peer mean teacher)."""
+    M = num_branches
+    _check_branches("pcl", M, 2)
+    ema = [M + 1 + i for i in range(M)]
+    ensembles: list[Ensemble] = []
+    teachers = [_mean_node(tuple(ema[j] for j in range(M) if j != i), ensembles, 2 * M + 1) for i in range(M)]
+    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
+    edges += tuple(KLEdge(i, t, 1.0, True) for i, t in enumerate(teachers))
+    names = (branch_names(M) + ("peer_ensemble",) + tuple(f"ema_branch{i}" for i in range(M))
+             + tuple(f"peer_mean_teacher{i}" for i in range(M) if teachers[i] > 2 * M))
+    return DistillGraph("pcl", 2 * M + 1, tuple(ensembles), tuple(range(M + 1)), edges, names)
+
+
+GRAPHS = {"ahbf": ahbf_graph, "one": one_graph, "dml": dml_graph, "cl_ilr": cl_ilr_graph, "okddip": okddip_graph,
+          "kdcl": kdcl_graph, "pcl": pcl_graph}
+# the teacher side each method's public code uses when objective.detach_teacher = auto
+DEFAULT_DETACH = {"ahbf": False, "one": True, "dml": True, "cl_ilr": False, "okddip": False, "kdcl": True, "pcl": True}
 
 
 def build_graph(method: str, num_branches: int, **kwargs) -> DistillGraph:
-    """Graph for ``method`` in {ahbf, one, dml, baseline}; kwargs go to the constructor."""
+    """Graph for ``method`` (a key of ``GRAPHS``, or ``baseline``); kwargs go to the constructor."""
     if method == "baseline":
         return baseline_graph()
     if method not in GRAPHS:

@@ -45,7 +45,7 @@ def graph_to_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
     """Flatten a graph into ``(ints, floats)``: what the custom op receives instead of a Python object."""
     ints = [graph.num_branches, len(graph.ensembles), len(graph.ce_nodes), len(graph.kl_edges)]
     for ens in graph.ensembles:
-        ints += [len(ens.inputs), ens.score, *ens.inputs]
+        ints += [len(ens.inputs), -1 if ens.score is None else ens.score, *ens.inputs]
     ints += list(graph.ce_nodes)
     for e in graph.kl_edges:
         ints += [e.student, e.teacher, int(e.detach)]
@@ -60,7 +60,7 @@ def graph_from_args(ints: tuple[int, ...], floats: tuple[float, ...]) -> Distill
     ensembles = []
     for _ in range(E):
         w, score = next(it), next(it)
-        ensembles.append(Ensemble(tuple(next(it) for _ in range(w)), score))
+        ensembles.append(Ensemble(tuple(next(it) for _ in range(w)), None if score < 0 else score))
     ce = tuple(next(it) for _ in range(C))
     edges = tuple(KLEdge(next(it), next(it), floats[i], bool(next(it))) for i in range(L))
     return DistillGraph("fused", M, tuple(ensembles), ce, edges)

@@ -23,6 +23,17 @@ def kl_t(student: Tensor, teacher: Tensor, T: float) -> Tensor:
                             reduction="batchmean", log_target=True)
 
 
+def minlogit_target(z: Sequence[Tensor], labels: Tensor) -> Tensor:
+    """KDCL-MinLogit soft target (a constant): ``min_m (z^m - z^m[label])``, every peer's logits shifted so
+    that the label logit is 0, then the class-wise minimum over peers. Computed in the math dtype, returned
+    in the logits' dtype."""
+    with torch.no_grad():
+        dt = compute_dtype(z[0])
+        stacked = torch.stack([zi.to(dt) for zi in z])                          # M x B x K
+        shifted = stacked - stacked.gather(2, labels.long().view(1, -1, 1).expand(len(z), -1, 1))
+        return shifted.amin(0).to(z[0].dtype)
+
+
 def check_inputs(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph) -> None:
     """Shape checks (no host sync): one-line ValueError naming the offending argument."""
     if len(z) != graph.num_branches:
@@ -53,6 +64,9 @@ def all_node_logits(z: Sequence[Tensor], s: Sequence[Tensor], graph: DistillGrap
     dt = compute_dtype(z[0])
     nodes = [zi.to(dt) for zi in z]
     for ens in graph.ensembles:
+        if ens.score is None:  # equal weights: the fused backends see zero scores, softmax(0) = 1/n
+            nodes.append(sum(nodes[i] for i in ens.inputs) / len(ens.inputs))
+            continue
         g = torch.softmax(s[ens.score].to(dt), dim=-1)
         nodes.append(sum(g[:, j:j + 1] * nodes[i] for j, i in enumerate(ens.inputs)))
     return nodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .registry import create_plain
+from .peers import TemporalMeanNet
 from .resnet import MultiBranchNet, PeerNet
 
 
@@ -11,6 +12,8 @@ def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """State dict of the plain network equal to trunk + branch 0 (torchvision names for ImageNet)."""
     if isinstance(model, PeerNet):
         model = model.peers[0]
+    if isinstance(model, TemporalMeanNet):
+        model = model.student
     if not isinstance(model, MultiBranchNet):
         raise ValueError(f"model: expected an ahbf multi-branch model, got {type(model).__name__}")
     out = {}

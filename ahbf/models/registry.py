@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
+from .peers import TemporalMeanNet
 from .resnet import CifarResNet, MultiBranchNet, PeerNet
 
 
@@ -28,7 +29,8 @@ ARCHS: dict[str, Arch] = {
     "resnet34": Arch("basic", (3, 4, 6, 3), True),
     "resnet50": Arch("bottleneck", (3, 4, 6, 3), True),
 }
-METHODS = ("ahbf", "one", "dml", "baseline")
+METHODS = ("ahbf", "one", "dml", "cl_ilr", "okddip", "kdcl", "pcl", "baseline")
+INDEPENDENT_PEERS = ("dml", "kdcl")  # methods whose peers are whole separate networks
 
 
 def get_arch(name: str) -> Arch:
@@ -46,7 +48,7 @@ def default_aux(arch: str, method: str) -> int:
 
 def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
                  aux: int | None = None) -> nn.Module:
-    """Build a multi-branch model (``ahbf``, ``one``, ``dml``) or a plain ``baseline``.
+    """Build a multi-branch model (a method of ``METHODS``, docs/methods.md) or a plain ``baseline``.
 
     Every model returns ``BranchOutput(logits, scores)``; ``model.spec`` records the arguments.
     """
@@ -62,13 +64,20 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
         num_branches = 1
     elif num_branches < 2:
         raise ValueError(f"num_branches must be >= 2 for {method}, got {num_branches}")
-    elif method == "dml" and aux != 0:
-        raise ValueError(f"aux must be 0 for dml (identical peers), got {aux}")
+    elif method in INDEPENDENT_PEERS and aux != 0:
+        raise ValueError(f"aux must be 0 for {method} (identical peers), got {aux}")
+    elif method == "okddip" and num_branches < 3:
+        raise ValueError(f"num_branches must be >= 3 for okddip (a leader and >= 2 peers), got {num_branches}")
 
     def build(m: int, meth: str) -> MultiBranchNet:
         return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, m, aux, meth)
 
-    model = PeerNet(lambda: build(1, "baseline"), num_branches) if method == "dml" else build(num_branches, method)
+    if method in INDEPENDENT_PEERS:
+        model = PeerNet(lambda: build(1, "baseline"), num_branches)
+    elif method == "pcl":
+        model = TemporalMeanNet(build(num_branches, method), num_branches)
+    else:
+        model = build(num_branches, method)
     model.spec = dict(arch=arch, method=method, num_classes=num_classes, num_branches=num_branches, aux=aux)
     return model
 

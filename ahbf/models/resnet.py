@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .fusion import AHBFFusion, ONEGate
+from .peers import EnsembleHead, PeerAttention, scale_grad
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -96,7 +97,9 @@ def branch_stage_blocks(layers: list[int], imagenet: bool, i: int, aux: int) -> 
 
 class MultiBranchNet(nn.Module):
     """Shared trunk + M branches; ``method`` picks the fusion: 'ahbf' (recursive AHBF modules),
-    'one' (a gate on the trunk), 'branches'/'baseline' (none). Forward returns ``BranchOutput``."""
+    'one' (a gate on the trunk), 'cl_ilr' (trunk gradients scaled by 1/M), 'okddip' (attention energies
+    of peers 1..M-1), 'pcl' (an extra peer-ensemble logit output), 'branches'/'baseline' (none).
+    Forward returns ``BranchOutput``."""
 
     def __init__(self, block: str, layers: list[int], imagenet: bool, num_classes: int,
                  num_branches: int, aux: int, method: str):
@@ -112,10 +115,14 @@ class MultiBranchNet(nn.Module):
         feat = self.branches[0].out_channels
         self.fusions = nn.ModuleList(AHBFFusion(feat) for _ in range(num_branches - 1)) if method == "ahbf" else None
         self.gate = ONEGate(self.trunk.out_channels, num_branches) if method == "one" else None
+        self.attention = PeerAttention(feat) if method == "okddip" else None
+        self.head = EnsembleHead(feat, num_branches, num_classes) if method == "pcl" else None
         init_weights(self)
 
     def forward(self, x: Tensor) -> BranchOutput:
         h = self.trunk(x)
+        if self.method == "cl_ilr":
+            h = scale_grad(h, 1.0 / len(self.branches))
         feats, logits = [], []
         for branch in self.branches:
             f, z = branch(h)
@@ -129,6 +136,10 @@ class MultiBranchNet(nn.Module):
                 scores.append(sk)
         elif self.gate is not None:
             scores.append(self.gate(h))
+        elif self.attention is not None:
+            scores = self.attention(feats[1:])  # the leader (branch 0) is not a peer
+        elif self.head is not None:
+            logits.append(self.head(feats))
         return BranchOutput(logits, scores)
 
 
