@@ -1,4 +1,5 @@
-"""The paper's comparison (SPEC 8) at small scale: Baseline vs DML vs ONE vs AHBF on a low-data digits split.
+"""The paper's comparison (SPEC 8) at small scale: Baseline vs DML, ONE, CL-ILR, OKDDip, KDCL, PCL and AHBF
+on a low-data digits split.
 
     python benchmarks/reproduce.py                       # the committed protocol: 40 runs, 7.7 min measured
                                                          # on a shared 2-core CPU (docs/reproduce.md)
@@ -54,9 +55,11 @@ from ahbf.pipelines import DataBundle, DeviceTensorLoader  # noqa: E402
 from ahbf.pipelines.sources import STATS, digits_arrays  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("baseline", "dml", "one", "ahbf")
-LABELS = {"baseline": "Baseline", "dml": "DML", "one": "ONE", "ahbf": "AHBF"}
-COLORS = {"baseline": "tab:gray", "dml": "tab:blue", "one": "tab:orange", "ahbf": "tab:green"}
+METHODS = ("baseline", "dml", "one", "cl_ilr", "okddip", "kdcl", "pcl", "ahbf")
+LABELS = {"baseline": "Baseline", "dml": "DML", "one": "ONE", "cl_ilr": "CL-ILR", "okddip": "OKDDip", "kdcl": "KDCL",
+          "pcl": "PCL", "ahbf": "AHBF"}
+COLORS = {"baseline": "tab:gray", "dml": "tab:blue", "one": "tab:orange", "cl_ilr": "tab:purple", "okddip": "tab:brown",
+          "kdcl": "tab:pink", "pcl": "tab:olive", "ahbf": "tab:green"}
 
 
 @dataclass
@@ -177,7 +180,7 @@ class ProbeTrainer(Trainer):
         nodes, y = [torch.cat(c) for c in cols], torch.cat(labels)
         row = {f"test_{name}_top1": (z.argmax(-1) == y).float().mean().item() * 100.0
                for name, z in zip(self.task.node_names, nodes)}
-        m = self.task.graph.num_branches
+        m = self.cfg.model.num_branches  # the trainable branches / peers (nodes 0..M-1 of every graph)
         if m > 1:
             div = branch_diversity(nodes[:m], y)
             row.update(div_disagreement=div["disagreement"], div_sym_kl=div["sym_kl"],
@@ -297,7 +300,7 @@ def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], m
     n_train = runs[0]["train_samples"] if runs else 0
     n_test = runs[0]["test_samples"] if runs else 0
     lines = [
-        "# Reproduction at small scale: Baseline vs DML vs ONE vs AHBF on low-data digits",
+        "# Reproduction at small scale: Baseline vs DML, ONE, CL-ILR, OKDDip, KDCL, PCL and AHBF on low-data digits",
         "",
         f"Command: `{meta['command'].strip()}`"
         + (f" (tables and figures rewritten from the JSON by `--replot` on {meta['replotted']}; same numbers)"
@@ -305,15 +308,17 @@ def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], m
         "",
         f"Protocol: the deployed network is the same plain {p.arch} for every method ({target_params(p.arch):,} "
         f"params; trunk + branch 0 of the multi-branch models); "
-        f"{p.num_branches} branches for DML/ONE/AHBF, AHBF aux = SPEC default; "
+        f"{p.num_branches} branches / peers for every multi-branch method (OKDDip: a leader + {p.num_branches - 1} "
+        f"peers), AHBF aux = SPEC default; "
         f"digits upscaled to {p.image_size}x{p.image_size} RGB; {p.per_class} training images per class "
         f"({n_train} in all, a stratified subset of the fixed training split drawn per seed, the same for every "
         f"method); test = the fixed digits test split ({n_test} images), evaluated at the last epoch (no validation "
         f"split, no checkpoint selection). {p.epochs} epochs, batch {p.batch_size}, SGD nesterov lr {p.lr}, "
         f"wd {p.weight_decay}, lr x0.1 at epochs {p.milestone_epochs()}, warm-up {p.warmup_epochs} epochs; "
         f"random crop (pad {max(1, p.image_size // 8)}), no flip; {p.precision}; objective backend "
-        f"{p.objective_backend}; AHBF ramp-up R = {round(p.rampup_fraction * p.epochs, 3)} epochs; every other "
-        f"objective value is the engine's method default (T = 3; kd_weight 1.5 AHBF, 1 DML/ONE). "
+        f"{p.objective_backend}; ramp-up R = {round(p.rampup_fraction * p.epochs, 3)} epochs (AHBF's sigmoid, "
+        f"the consistency ramp of CL-ILR / OKDDip / PCL); every other objective value is the engine's method "
+        f"default (docs/methods.md: T = 3; kd_weight 1.5 AHBF, else 1; KDCL MinLogit; PCL EMA decay 0.999). "
         f"Seeds {p.seeds}: seed s sets the subset, the model init and the batch order / augmentation.",
         "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; total wall time "
@@ -331,15 +336,12 @@ def markdown(p: Protocol, summary: dict[str, Any], runs: list[dict[str, Any]], m
                      f"{s['params']:,} | {s['train_s'][0]:.0f} |")
     lines += ["", "## Every branch and TA / ensemble, test top-1 % (mean ± std over seeds)", "",
               "branch0 is the target; AHBF's ta0..ta2 are its teacher assistants (ta2 the strongest), ONE's ta0 is "
-              "its gated ensemble. 'mean-softmax ens.' averages the branches' softmax (not a deployed model).", ""]
-    node_names = []
-    for s in ms.values():
-        node_names += [n for n in s["nodes"] if n not in node_names]
-    lines.append("| method | " + " | ".join(node_names) + " | mean-softmax ens. |")
-    lines.append("|---" * (len(node_names) + 2) + "|")
+              "its gated ensemble; the other methods' nodes are named in docs/methods.md (PCL's ema_branch* are the "
+              "temporal-mean peers). 'mean-softmax ens.' averages the branches' softmax (not a deployed model).", "",
+              "| method | every node | mean-softmax ens. |", "|---|---|---|"]
     for m, s in ms.items():
-        cells = [fmt(s["nodes"][n]) if n in s["nodes"] else "" for n in node_names]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {fmt(s['ensemble_top1'])} |")
+        cells = "; ".join(f"{n} {fmt(v)}" for n, v in s["nodes"].items())
+        lines.append(f"| {LABELS[m]} | {cells} | {fmt(s['ensemble_top1'])} |")
     if summary["paired"]:
         lines += ["", "## Paired comparison per seed: AHBF target minus the other method's target (points of top-1)",
                   "", "Same seed = same training subset, batch order and augmentation. Mean ± standard error over "
