@@ -13,7 +13,9 @@ from typing import Any, Callable
 
 from .checkpoint import CheckpointError
 from .config import CHOICES, SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
+from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, Preempted
 from .meters import NonFiniteLossError
+from .recipes import chosen_recipe
 
 # (flags, config key); booleans get --x / --no-x
 TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
@@ -53,6 +55,9 @@ TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--deterministic",), "train.deterministic"),
     (("--log-interval",), "train.log_interval"),
     (("--progress",), "train.progress"),
+    (("--checkpoint-every",), "train.checkpoint_every"),
+    (("--keep-last",), "train.keep_last"),
+    (("--overwrite",), "train.overwrite"),
 ]
 USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError)  # ConfigError, CheckpointError: ValueError
 
@@ -108,15 +113,27 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None) -> RunConfig:
+    return _parse_train_args(argv)[0]
+
+
+def _parse_train_args(argv: list[str] | None) -> tuple[RunConfig, str]:
+    """(the config, the name of the data-set recipe in force or "")."""
     args = train_parser().parse_intermixed_args(argv)
     flags = [(k, v) for k, v in vars(args).items() if "." in k]
-    return build_config(args.config, flags + [parse_override(o) for o in args.overrides])
+    overrides = flags + [parse_override(o) for o in args.overrides]
+    return build_config(args.config, overrides), chosen_recipe(args.config, overrides)
 
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:
     """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2."""
     try:
         fn()
+    except Preempted as err:  # a stop signal: the checkpoint of the last finished step is written
+        print(f"{prog}: {' '.join(str(err).split())}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except NonFiniteLossError as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return NONFINITE_EXIT
     except USER_ERRORS as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -130,10 +147,10 @@ def _train(argv: list[str] | None) -> None:
     from . import distributed
     from .trainer import Trainer
 
-    cfg = parse_train_args(argv)
-    env = distributed.setup(cfg.train.device)
+    cfg, recipe = _parse_train_args(argv)
+    env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
-        Trainer(cfg, env).fit()
+        Trainer(cfg, env, recipe=recipe).fit()
     finally:
         distributed.teardown()
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,19 +38,105 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device_name: str = "auto") -> DistEnv:
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; init the process group when WORLD_SIZE > 1."""
+_CONTROL: dict[str, Any] = {}  # the Gloo group of the per-step control flags (CPU tensors, no GPU sync)
+
+
+def setup(device_name: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; init the process group when WORLD_SIZE > 1. A collective
+    that waits more than ``timeout_s`` for another rank (hung, stopped, dead) fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", timeout=timeout)
+        _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return DistEnv(rank, local, world, device)
 
 
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (a Gloo all-reduce of a few CPU ints: no GPU sync); local otherwise."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, group=_CONTROL.get("group"))
+    return [v > 0 for v in t.tolist()]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_CONTROL.get("group"))
+
+
+def local_world_size() -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_threads() -> int:
+    """The CPU cores this process may use (affinity mask) divided by the processes on this node, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_world_size())
+
+
+def set_threads(threads: int) -> int:
+    """``torch.set_num_threads``: ``threads``, or ``default_threads()`` for 0. Returns the number set."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+class CpuSyncBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm that also synchronises CPU tensors (Gloo): torch's refuses CPU input. Batch mean and
+    (biased) variance over all ranks in two all-reduce passes that autograd differentiates, so forward
+    and backward equal BatchNorm over the global batch; the running statistics are updated the same way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cuda" or not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([x.numel() // x.size(1)], dtype=torch.float32, device=x.device)
+        total = differentiable_all_reduce(torch.cat([xf.sum(dims), count]), group=self.process_group or dist.group.WORLD)
+        n, mean = total[-1], total[:-1] / total[-1]
+        centred = xf - mean.view(shape)
+        var = differentiable_all_reduce((centred * centred).sum(dims), group=self.process_group or dist.group.WORLD) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` -> ``CpuSyncBatchNorm`` (torch's ``SyncBatchNorm`` on CUDA tensors), in place;
+    same parameters, buffers and state-dict keys."""
+    for name, child in model.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            device = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0)).device
+            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=device)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync.train(child.training))
+        else:
+            convert_sync_batchnorm(child)
+    return model
+
+
 def teardown() -> None:
+    _CONTROL.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

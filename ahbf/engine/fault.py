@@ -1,5 +1,4 @@
-"""Surviving a cluster: preemption signals, the run folder's lock, and DataLoader workers that die with
-their trainer.
+"""Surviving a cluster: preemption signals, per-step agreement on stopping / checkpointing, the run folder's lock.
 
 - ``StopSignals``: SIGTERM / SIGINT / SIGUSR1 set a flag (a second one acts as usual: the run dies at once);
   the trainer finishes its step, all ranks agree on that step, rank 0 writes ``last.pt``, and the process
@@ -7,8 +6,6 @@ their trainer.
 - ``claim_folder``: refuses a folder that holds another run unless it is resumed or ``--overwrite`` is given,
   and holds an ``flock`` on ``<folder>/.lock`` for the run's life (the kernel drops it when the process dies,
   so a killed run never leaves a stale lock).
-- ``watch_trainer``: a DataLoader ``worker_init_fn`` that ends the worker when the trainer is gone (SIGKILL
-  included): workers are children of the fork server, not of the trainer, so they cannot rely on their parent.
 """
 from __future__ import annotations
 
@@ -21,6 +18,8 @@ import time
 from typing import Any
 
 from .checkpoint import remove_temporaries
+from .config import parse_interval
+from .distributed import any_rank
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
 NONFINITE_EXIT = 3
@@ -120,23 +119,20 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool) -> tuple[FolderL
     return lock, notes
 
 
-def _watch(pid: int, interval: float) -> None:
-    while True:
-        time.sleep(interval)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # a pid reused by another user's process: the trainer is gone
-            os._exit(0)
 
+class StepControl:
+    """After each step: ``(stop, save)``, the same on every rank. ``stop``: a stop signal reached any rank;
+    ``save``: ``train.checkpoint_every`` is due (every N steps, or N minutes since the last save on any rank's
+    clock) or ``stop``. One tiny CPU all-reduce per step under DDP; nothing to agree on otherwise."""
 
-class watch_trainer:
-    """``worker_init_fn`` for DataLoader workers: a daemon thread ends the worker within ``interval`` s once the
-    trainer (``pid``) is gone. A class, not a closure, so that it pickles for the fork server."""
+    def __init__(self, every: str, signals: StopSignals):
+        self.unit, self.value = parse_interval(every)
+        self.signals, self.last = signals, time.monotonic()
 
-    def __init__(self, pid: int | None = None, interval: float = 1.0):
-        self.pid, self.interval = pid or os.getpid(), interval
+    def poll(self, step: int) -> tuple[bool, bool]:
+        timed = self.unit == "minutes" and time.monotonic() - self.last >= self.value * 60
+        stop, timed = any_rank(self.signals.received is not None, timed)
+        return stop, stop or timed or (self.unit == "steps" and step % int(self.value) == 0)
 
-    def __call__(self, worker_id: int) -> None:
-        threading.Thread(target=_watch, args=(self.pid, self.interval), daemon=True, name="watch-trainer").start()
+    def saved(self) -> None:
+        self.last = time.monotonic()

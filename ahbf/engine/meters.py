@@ -1,6 +1,8 @@
 """Device-side running sums of the loss terms: no host sync per step."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,8 +47,10 @@ class LossMeter:
         """Mean of each term since the last reset (over steps and ranks); raises on a non-finite loss."""
         first_bad = all_reduce(self.first_bad.clone(), op="min").item()
         if first_bad != NEVER:
-            raise NonFiniteLossError(f"non-finite loss at step {first_bad}; try a lower --lr, --clip-grad or "
-                                     "--precision fp32")
+            sums = self.sums.tolist() if self.sums is not None else []
+            terms = [n for n, v in zip(self.names or [], sums) if not math.isfinite(v)]
+            raise NonFiniteLossError(f"non-finite loss at step {first_bad} (non-finite terms: "
+                                     f"{', '.join(terms) or 'loss'}); try a lower --lr, --clip-grad or --precision fp32")
         if self.sums is None:
             return {}
         packed = all_reduce(torch.cat([self.sums, torch.tensor([self.count], device=self.device, dtype=torch.float32)]))
@@ -56,6 +60,14 @@ class LossMeter:
         self.epoch_count += count
         self.sums, self.count = None, 0
         return {n: v / count for n, v in zip(self.names, sums)}
+
+    def state_dict(self) -> dict:
+        """The epoch's sums so far (call ``read`` first): a mid-epoch checkpoint keeps the epoch's means exact."""
+        return {"names": self.names, "epoch_sums": dict(self.epoch_sums), "epoch_count": self.epoch_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.names = state["names"]
+        self.epoch_sums, self.epoch_count = dict(state["epoch_sums"]), state["epoch_count"]
 
     def read_epoch(self) -> dict[str, float]:
         """Mean of each term over the whole epoch (all ranks); resets the meter."""

@@ -12,13 +12,19 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 
 The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
 returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
-the score matrix; backward only scales those by ``grad_output``. The op is opaque to
-``torch.compile``, so a compiled training step calls the kernel as is (``register_fake`` gives shapes).
+the score matrix, kept in the math dtype (fp32 for fp16 / bf16 inputs). Backward scales them by
+``grad_output`` in that dtype and only then casts to the input dtype (``torch._foreach_mul``, then one
+``torch._foreach_copy_`` for low-precision inputs): an fp16 gradient rounded before AMP's loss scale
+(65536) is applied would flush small values to zero, and the scale itself is inf in fp16. The op is
+opaque to ``torch.compile``, so a compiled training step calls the kernel as is (``register_fake``
+gives shapes).
 
 Inputs: non-contiguous logits or scores are copied to contiguous ones first; branches of mixed
 dtypes are promoted to a common dtype (both through autograd, so gradients flow back as usual).
 ``kd_scale`` may be a float or a 0-dim tensor: it enters the op as a tensor, so changing it every
-epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``.
+epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``. A float
+becomes a tensor of the logits' math dtype (float64 runs stay exact), made once per (value, device,
+dtype) and cached, so a training step with a per-epoch float launches no fill.
 The gradients are constants of the forward: double backward (``create_graph=True``) is not supported.
 """
 from __future__ import annotations
@@ -64,6 +70,19 @@ def graph_from_args(ints: tuple[int, ...], floats: tuple[float, ...]) -> Distill
     ce = tuple(next(it) for _ in range(C))
     edges = tuple(KLEdge(next(it), next(it), floats[i], bool(next(it))) for i in range(L))
     return DistillGraph("fused", M, tuple(ensembles), ce, edges)
+
+
+_ARGS: dict[DistillGraph, tuple[list[int], list[float]]] = {}
+
+
+def _cached_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
+    """:func:`graph_to_args`, flattened once per graph (traced code flattens it at trace time)."""
+    if torch.compiler.is_compiling():
+        return graph_to_args(graph)
+    args = _ARGS.get(graph)
+    if args is None:
+        args = _ARGS[graph] = graph_to_args(graph)
+    return args
 
 
 # ---- the compiled analytic formulation, one per graph
@@ -116,13 +135,14 @@ def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad)
     out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
     if not need_grad:
         return out
-    return out + [torch.empty_like(zi) for zi in z] + [torch.empty_like(scores)]
+    return out + [torch.empty_like(t, dtype=dt) for t in (*z, scores)]
 
 
 def _setup_context(ctx, inputs, output):
     kd_scale, need_grad = inputs[3], inputs[8]
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
+    ctx.dtypes = [t.dtype for t in (*inputs[0], inputs[1])]  # what backward casts each gradient to, last
     ctx.has_grads = need_grad
     ctx.no_kl_edges = not inputs[5]           # backward must mirror an empty graph_floats list as []
     ctx.set_materialize_grads(False)          # only the loss is differentiable: no zero-filled grads for the rest
@@ -135,17 +155,38 @@ def _backward(ctx, grads):
     if not ctx.has_grads:
         raise RuntimeError("ahbf::okd_fused ran with need_grad=False; call it with need_grad=True to backprop")
     g = grads[0]
-    *dz, ds, terms = ctx.saved_tensors
-    dz_out = [d * g.to(d.dtype) for d in dz]
-    ds_out = ds * g.to(ds.dtype)
+    *saved, terms = ctx.saved_tensors                   # the gradients, in the math dtype (fp32 / fp64)
+    scaled = list(torch._foreach_mul(saved, g.to(saved[0].dtype)))  # scale first, in the math dtype ...
+    low = [i for i, dt in enumerate(ctx.dtypes) if dt != scaled[i].dtype]
+    if low:                                             # ... then cast, once, to the input dtypes
+        cast = [torch.empty_like(scaled[i], dtype=ctx.dtypes[i]) for i in low]
+        torch._foreach_copy_(cast, [scaled[i] for i in low])
+        for i, c in zip(low, cast):
+            scaled[i] = c
     dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
-    return dz_out, ds_out, None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None
+    return scaled[:-1], scaled[-1], None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None
 
 
 okd_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public entry point
+
+_KD_TENSORS: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
+
+
+def _kd_tensor(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A Python-float ``kd_scale`` as a 0-dim tensor of the math dtype; cached (a fill once per epoch value)."""
+    if torch.compiler.is_compiling():  # traced code: a constant of the graph
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, device, dtype)
+    t = _KD_TENSORS.get(key)
+    if t is None:
+        if len(_KD_TENSORS) >= 256:
+            _KD_TENSORS.clear()
+        t = _KD_TENSORS[key] = torch.full((), value, dtype=dtype, device=device)
+    return t
+
 
 def resolve_backend(backend: str, z: Sequence[Tensor]) -> str:
     """The backend ``okd_loss`` runs for ``backend`` and branch logits ``z``."""
@@ -165,6 +206,8 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     (module docstring). Fused backends compute the gradients in the forward pass; they are used only
     if autograd needs them.
     """
+    if len(labels) == 0:
+        raise ValueError("okd_loss: empty batch (0 samples); the mean over samples is undefined")
     check_inputs(z, s, labels, graph)
     backend = resolve_backend(backend, z)
     if backend == "eager":
@@ -183,10 +226,10 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     labels = labels.long().contiguous()  # the kernel reads labels with stride 1
     scores = score_matrix(s, graph, z[0]).contiguous()
     if not isinstance(kd_scale, Tensor):
-        kd_scale = torch.full((), float(kd_scale), device=z[0].device)  # a fill, no host-to-device copy
+        kd_scale = _kd_tensor(float(kd_scale), z[0].device, compute_dtype(z[0]))
     elif kd_scale.device != z[0].device:
         kd_scale = kd_scale.to(z[0].device)  # one small copy: keep kd_scale on the logits' device
-    ints, floats = graph_to_args(graph)  # a few list appends; the decoded encoding is cached
+    ints, floats = _cached_args(graph)  # flattened, decoded and encoded once per graph
     need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
     out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad)
     terms = out[1].detach()

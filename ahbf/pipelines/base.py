@@ -62,12 +62,13 @@ class Batches(Protocol):
 
     ``images`` is float B x 3 x H x W in channels-last memory format, normalised; ``labels`` int64 B.
     ``set_epoch(e)`` must be called before iterating epoch e: the order and augmentation of an epoch
-    are a function of (seed, e), so a resumed run restarts its epoch deterministically.
+    are a function of (seed, e), so a resumed run restarts its epoch deterministically. ``start`` > 0 makes
+    the next pass begin at batch ``start`` with exactly the batches (and augmentation) of a full pass.
     """
 
     num_samples: int
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
 
     def __len__(self) -> int: ...
 

@@ -109,7 +109,7 @@ class DaliFolderLoader:
         self.workers, self.seed, self.rank, self.world_size = workers, seed, rank, world_size
         self.device, self.dtype, self.prefetch = torch.device(device), dtype, prefetch
         self.decoder, self.device_id = decoder_placement(self.device)
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         n = len(images.samples)
         if train:
             self.num_samples = -(-n // world_size)
@@ -117,8 +117,8 @@ class DaliFolderLoader:
             self.num_samples = (rank + 1) * n // world_size - rank * n // world_size
         self._iterator = None  # eval: kept across epochs while it is at an epoch boundary
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start  # start > 0: a mid-epoch resume decodes and drops start batches
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
@@ -177,6 +177,8 @@ class DaliFolderLoader:
                     return
                 x, y = self._to_batch(out)
                 consumed += len(y)
+                if self.train and consumed <= self.start * self.batch_size:  # trained before the resume
+                    continue
                 if len(y):  # an eval shard shorter than its neighbours can end with an empty batch
                     yield x, y
         except RuntimeError as err:

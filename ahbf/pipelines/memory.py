@@ -38,6 +38,16 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator) -> T
     return x[torch.arange(B, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def crop_flip_draws(B: int, pad: int, flip: bool, gen: torch.Generator, device) -> None:
+    """The draws ``random_crop_flip`` makes for a batch of B, without the images: skipping a batch this way
+    leaves ``gen`` where the batch would have left it."""
+    if pad > 0:
+        torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=device)
+        torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=device)
+    if flip:
+        torch.rand(B, 1, generator=gen, device=device)
+
+
 class DeviceTensorLoader:
     """Iterates (images, labels) batches from uint8 NHWC ``images`` held on ``device``."""
 
@@ -55,13 +65,13 @@ class DeviceTensorLoader:
         self.seed, self.rank, self.world_size, self.dtype = seed, rank, world_size, dtype
         self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32) * 255
         self.std = torch.tensor(std, device=self.device, dtype=torch.float32) * 255
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         n = len(images)
         # train: every rank gets ceil(n / world) samples (padded by wrapping); eval: a plain split
         self.num_samples = -(-n // world_size) if train else len(range(rank, n, world_size))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
@@ -80,6 +90,10 @@ class DeviceTensorLoader:
         gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         for start in range(0, len(idx), self.batch_size):
             b = idx[start:start + self.batch_size]
+            if start < self.start * self.batch_size:  # trained before a mid-epoch resume: only its random draws
+                if self.train:
+                    crop_flip_draws(len(b), self.pad, self.flip, gen, self.device)
+                continue
             x = self.images[b]
             if self.train:
                 x = random_crop_flip(x, self.pad, self.flip, gen)

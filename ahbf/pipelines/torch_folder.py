@@ -9,7 +9,10 @@ with (seed, epoch, index), so an epoch is a pure function of (seed, epoch) whate
 """
 from __future__ import annotations
 
+import os
 import re
+import threading
+import time
 from typing import Iterator
 
 import torch
@@ -65,12 +68,33 @@ class ImageListDataset(Dataset):
             return self.transform(img), label
 
 
+def _exit_when_gone(pid: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or its pid reused by another user's process)
+            os._exit(0)
+
+
+class WatchTrainer:
+    """``worker_init_fn``: a daemon thread ends the worker within ``interval`` s once the trainer (``pid``) is
+    gone, SIGKILL included. Workers are children of the fork server, not of the trainer, so neither
+    DataLoader's parent check nor PR_SET_PDEATHSIG sees the trainer die. A class, so that it pickles."""
+
+    def __init__(self, pid: int | None = None, interval: float = 1.0):
+        self.pid, self.interval = pid or os.getpid(), interval
+
+    def __call__(self, worker_id: int) -> None:
+        threading.Thread(target=_exit_when_gone, args=(self.pid, self.interval), daemon=True).start()
+
+
 class EpochSampler(Sampler):
     """``DistributedSampler``'s indices for (seed, epoch, rank), each paired with its augmentation seed."""
 
     def __init__(self, n: int, *, seed: int, rank: int, world_size: int, shuffle: bool):
         self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0  # skip: samples of the epoch already trained (a mid-epoch resume)
 
     def indices(self) -> list[int]:
         if not self.shuffle:  # evaluation: an exact partition, no padding
@@ -81,7 +105,7 @@ class EpochSampler(Sampler):
     def __iter__(self):
         if not self.shuffle:
             return iter(self.indices())
-        return iter([(i, mix_seed(self.seed, self.epoch, i)) for i in self.indices()])
+        return iter([(i, mix_seed(self.seed, self.epoch, i)) for i in self.indices()[self.skip:]])
 
     def __len__(self) -> int:
         return len(self.indices())
@@ -95,19 +119,20 @@ class TorchFolderLoader:
                  workers: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  augment: bool = True, resize: int | None = None):
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         transform = train_transform(size, augment) if train else eval_transform(size, resize or round(size / 0.875))
         self.sampler = EpochSampler(len(images.samples), seed=seed, rank=rank, world_size=world_size, shuffle=train)
         self.loader = DataLoader(ImageListDataset(images, transform), batch_size=batch_size, sampler=self.sampler,
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
                                  prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
-                                 multiprocessing_context=WORKER_START if workers > 0 else None)
+                                 multiprocessing_context=WORKER_START if workers > 0 else None,
+                                 worker_init_fn=WatchTrainer() if workers > 0 else None)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.num_samples = len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
