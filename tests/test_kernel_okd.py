@@ -265,3 +265,82 @@ def test_import_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ---- loss scaling (fp16 AMP), Python-float kd_scale in float64, launch configurations
+
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
+def test_fp16_loss_scale_gives_finite_gradients_equal_to_eager(backend):
+    """GradScaler's first scale, 65536, is inf in fp16: backward scales in fp32 and casts last.
+
+    Logits of scale 16 at B = 64 make many unscaled gradients smaller than fp16's smallest subnormal
+    (6e-8): rounded to fp16 before the scale they would be 0; eager keeps them (it rounds after)."""
+    g = ahbf_graph(4)
+    z, s, y = make_inputs(g, 64, 300, torch.float16, scale=16.0)
+    scale = 65536.0
+    _, _, ref = reference64(z, s, y, g, 3.0, 0.75, scale)
+    _, _, eager = run_fused(z, s, y, g, 3.0, 0.75, scale, "eager")
+    _, _, fused = run_fused(z, s, y, g, 3.0, 0.75, scale, backend)
+    tiny = ((ref[0] / scale).abs() < 6e-8) & (ref[0] != 0)
+    assert tiny.sum() > 100  # the case really has gradients that fp16 cannot hold unscaled
+    for i, (a, e, r) in enumerate(zip(fused, eager, ref)):
+        fits = r.abs() < 65000  # a few score gradients x 65536 exceed fp16 (eager's are inf too: the scaler backs off)
+        assert i >= 4 or fits.all()
+        assert a.dtype == torch.float16 and torch.isfinite(a[fits]).all(), f"grad {i}: not finite"
+        assert torch.equal(torch.isfinite(a), torch.isfinite(e)), f"grad {i}: inf where eager is finite or vice versa"
+        a, e, r = a[fits], e[fits], r[fits]
+        assert_close(a, r, rtol=2e-3, atol=2e-3 * r.abs().max().item(), name=f"grad {i} vs float64")
+        assert_close(a, e, rtol=2e-3, atol=2e-3 * e.abs().max().item(), name=f"grad {i} vs eager")
+    assert (fused[0][tiny] != 0).float().mean() > 0.99  # not flushed to zero before the scale
+
+
+@pytest.mark.parametrize("backend", ["compiled", "analytic"])
+def test_float64_python_kd_scale_is_exact(backend):
+    """A Python-float kd_scale takes the logits' math dtype: float64 runs equal eager to 1e-12."""
+    from ahbf.kernels import okd
+
+    g = ahbf_graph(3)
+    z, s, y = make_inputs(g, 5, 17, torch.float64)
+    kd = 0.4  # not a float32 number
+    ref_loss, ref_terms, ref_grads = reference64(z, s, y, g, 3.0, kd, 1.0)
+    zl = [t.clone().requires_grad_() for t in z]
+    sl = [t.clone().requires_grad_() for t in s]
+    if backend == "analytic":  # the uncompiled formulation, through the same custom op
+        ints, floats = okd.graph_to_args(g)
+        scores = score_matrix(sl, g, zl[0])
+        out = okd.okd_fused(zl, scores, y, okd._kd_tensor(kd, zl[0].device, torch.float64), ints, floats, 3.0,
+                            "analytic", True)
+        loss = out[0]
+    else:
+        loss, _ = okd_loss(zl, sl, y, g, 3.0, kd, backend=backend)
+    assert loss.dtype == torch.float64
+    assert_close(loss, ref_loss, rtol=1e-12, atol=0, name="loss")
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(loss, zl + sl), ref_grads)):
+        assert_close(a, b, rtol=1e-10, atol=1e-14, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("rows,block_k", [(3, None), (2, 16), (8, None)])
+def test_launch_configurations(rows, block_k):
+    """Several rows per program (B = 7 not a multiple), forced chunks; the last program's reduction."""
+    g = ahbf_graph(4)
+    z, s, y = make_inputs(g, 7, 50)
+    enc = encode_graph(g, "cpu")
+    scores = score_matrix(s, g, z[0]).contiguous()
+    kd = torch.tensor([0.75])
+    loss, terms, dz, ds = triton_okd.okd_fused_triton(z, scores, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
+    ref_loss, ref_terms, ref_grads = reference64(z, s, y, g, 3.0, 0.75, 1.0)
+    assert_close(loss, ref_loss, rtol=1e-5, atol=0, name="loss")
+    assert_close(terms, torch.stack([ref_terms["ce"], ref_terms["kd"]]), rtol=1e-5, atol=0, name="terms")
+    for i in range(4):
+        assert dz[i].dtype == torch.float32
+        assert_close(dz[i], ref_grads[i], rtol=1e-5, atol=1e-5 * ref_grads[i].abs().max().item(), name=f"dz{i}")
+    again = triton_okd.okd_fused_triton(z, scores, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
+    assert torch.equal(again[0], loss) and torch.equal(again[1], terms)  # fixed-order reduction
+
+
+def test_launch_config_defaults_and_errors():
+    cfg = triton_okd.launch_config(7, 1000, 256)              # AHBF M = 4: 7 nodes -> 8 rows of the tile
+    assert (cfg.np, cfg.block_k, cfg.rows, cfg.num_warps) == (8, 1024, 1, 8)
+    assert triton_okd.launch_config(7, 1000, 256, tile=2048).block_k == 256
+    with pytest.raises(ValueError, match="block_k"):
+        triton_okd.launch_config(7, 1000, 256, block_k=100)

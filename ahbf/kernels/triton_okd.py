@@ -24,11 +24,16 @@ chunks again and writes the gradient of every branch logit and every score colum
     dL/ds  = g * (dL/dg - <g, dL/dg>)
 
 When the row fits in one chunk (``K <= BK``) the tile is loaded once and reused by both passes.
-Per row only 2 floats (CE and KD partials) are written besides the gradients; the host sums them.
+Per row only 2 floats (CE and KD partials) are written besides the gradients; the last program to
+finish (an atomic counter) sums them in row order and writes the loss, CE and KD: no host-side reduction.
+Gradients are stored in fp32 whatever the input dtype; ``okd.py``'s backward scales them by
+``grad_output`` and then casts (an fp16 store before the loss scale would flush small gradients to zero).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -180,14 +185,48 @@ def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row,
 def _okd_fused_kernel(
     z0, z1, z2, z3, z4, z5, z6, z7,            # branch logits, B x K contiguous (unused slots repeat z0)
     dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
-    s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
+    s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr, out_ptr, terms_ptr,
     ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
-    K, S, n_ens, T, inv_T, inv_B,
+    B, K, S, n_ens, T, inv_T, inv_B,
     M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
     SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    NEED_GRAD: tl.constexpr,
+    NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    for r in range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + r
+        if row < B:
+            _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, row,
+                     s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
+                     ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
+                     K, S, n_ens, T, inv_T, inv_B, M, N, NP, WMAX, WP, SP, BK, TEACHER, ONE_CHUNK, NEED_GRAD)
+    # The last program to finish sums the row partials in a fixed order (deterministic, no host-side
+    # reduction): out = [loss, finished-program count] (zeroed by the launcher), terms = [ce, kd].
+    tl.debug_barrier()                                   # every thread's partial stores precede the release
+    done = tl.atomic_add(out_ptr + 1, 1.0, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        ce_acc = tl.zeros([RB], tl.float32)
+        kd_acc = tl.zeros([RB], tl.float32)
+        rb = tl.arange(0, RB)
+        for r0 in range(0, B, RB):
+            ok = r0 + rb < B
+            ce_acc += tl.load(part_ptr + (r0 + rb) * 2, mask=ok, other=0.0, volatile=True)
+            kd_acc += tl.load(part_ptr + (r0 + rb) * 2 + 1, mask=ok, other=0.0, volatile=True)
+        ce = tl.sum(ce_acc, axis=0) * inv_B
+        kd = tl.sum(kd_acc, axis=0) * inv_B
+        tl.store(out_ptr, ce + tl.load(kd_scale_ptr).to(tl.float32) * kd)
+        tl.store(terms_ptr, ce)
+        tl.store(terms_ptr + 1, kd)
+
+
+@triton.jit
+def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, row,
+             s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
+             ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
+             K, S, n_ens, T, inv_T, inv_B,
+             M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
+             SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
+             NEED_GRAD: tl.constexpr):
+    """One row: pass 1 (statistics, the row's CE and KD partials) and, with NEED_GRAD, pass 2 (gradients)."""
     rows = tl.arange(0, NP)
     node_ok = rows < N
     y = tl.load(labels_ptr + row).to(tl.int32)
@@ -268,15 +307,45 @@ def _next_pow2(n: int) -> int:
 
 TILE_ELEMENTS = 8192           # NP * BK per program on a GPU (registers); see notes
 TILE_ELEMENTS_INTERPRET = 1 << 16  # the interpreter runs numpy per op: bigger tiles, fewer ops
+REDUCE_BLOCK = 256             # rows the last program sums per step
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape of one launch: ``np`` node rows x ``block_k`` classes per chunk, ``rows`` batch rows
+    per program (handled one after the other), ``num_warps``."""
+
+    np: int
+    block_k: int
+    rows: int
+    num_warps: int
+
+
+def launch_config(num_nodes: int, K: int, B: int, interpret: bool = False, *, tile: int | None = None,
+                  block_k: int | None = None, rows: int | None = None, num_warps: int | None = None) -> LaunchConfig:
+    """The default tile for ``num_nodes`` nodes and ``K`` classes, each part overridable.
+
+    ``tile``: elements of the [NP, BK] node tile (default ``TILE_ELEMENTS``); ``block_k``: chunk width
+    (a power of two; overrides ``tile``); ``rows``: batch rows per program (default 1); ``num_warps``:
+    default 4 up to 4096 tile elements, 8 up to 8192, else 16.
+    """
+    NP = _next_pow2(num_nodes)
+    tile = tile or (TILE_ELEMENTS_INTERPRET if interpret else TILE_ELEMENTS)
+    BK = block_k or min(_next_pow2(K), max(16, tile // NP))
+    if BK & (BK - 1):
+        raise ValueError(f"block_k: expected a power of two, got {BK}")
+    warps = num_warps or (4 if NP * BK <= 4096 else 8 if NP * BK <= 8192 else 16)
+    return LaunchConfig(NP, BK, max(1, rows or 1), warps)
 
 
 def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, enc: GraphTensors,
-                     T: float, need_grad: bool = True, block_k: int | None = None):
-    """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``.
+                     T: float, need_grad: bool = True, block_k: int | None = None, rows: int | None = None,
+                     num_warps: int | None = None):
+    """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``; gradients in fp32.
 
     ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16); ``scores``: contiguous
     ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on the same device.
-    ``block_k`` overrides the chunk width (a power of two; tests use it to force chunking).
+    ``block_k``, ``rows``, ``num_warps`` override parts of the tile (:func:`launch_config`).
     """
     dev = z[0].device
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -287,28 +356,33 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
         raise ValueError(f"logits: backend 'triton' supports up to {MAX_BRANCHES} branches, got {M}")
     B, K = z[0].shape
     S = scores.shape[1]
-    NP = _next_pow2(N)
-    tile = TILE_ELEMENTS_INTERPRET if dev.type == "cpu" else TILE_ELEMENTS
-    BK = block_k or min(_next_pow2(K), max(16, tile // NP))
-    part = torch.empty((B, 2), dtype=torch.float32, device=dev)
-    if need_grad:
-        dz = [torch.empty_like(zi) for zi in z]
-        ds = torch.empty_like(scores)
+    cfg = launch_config(N, K, B, dev.type == "cpu", block_k=block_k, rows=rows, num_warps=num_warps)
+    f32 = dict(dtype=torch.float32, device=dev)
+    part = torch.empty((B, 2), **f32)                     # per-row [ce, kd] partials
+    loss_count = torch.zeros(2, **f32)                    # [loss, finished programs]: the one memset
+    terms = torch.empty(2, **f32)                         # [ce, kd]
+    if need_grad:  # gradients in fp32: backward scales them by grad_output before casting (okd.py)
+        dz = [torch.empty_like(zi, dtype=torch.float32) for zi in z]
+        ds = torch.empty_like(scores, dtype=torch.float32)
     else:
-        dz, ds = [], scores
+        dz, ds = [], None
     zp = list(z) + [z[0]] * (MAX_BRANCHES - M)
     dzp = (dz + [dz[0]] * (MAX_BRANCHES - M)) if need_grad else zp
     s_arg = scores if S > 0 else part  # any valid pointer when there are no ensembles
-    num_warps = 4 if NP * BK <= 4096 else 8 if NP * BK <= 8192 else 16
-    _okd_fused_kernel[(B,)](
-        *zp, *dzp, s_arg, ds if S > 0 else part, labels, kd_scale, part,
-        enc.ens_inputs, enc.ens_col, enc.ens_width, enc.ce_count, enc.mix_w, enc.mix_t, enc.mix_s,
-        K, S, enc.num_ensembles, float(T), 1.0 / float(T), 1.0 / B,
-        M=M, N=N, NP=NP, WMAX=enc.max_width, WP=_next_pow2(enc.max_width), SP=_next_pow2(max(S, 1)), BK=BK,
-        TEACHER=enc.teacher_mode, ONE_CHUNK=K <= BK, NEED_GRAD=need_grad, num_warps=num_warps)
-    terms = part.sum(0) * (1.0 / B)                       # [ce, kd]
-    loss = terms[0] + kd_scale.reshape(()).to(torch.float32) * terms[1]
-    return loss, terms, dz, (ds if need_grad else torch.zeros_like(scores))
+    ds_arg = ds if need_grad and S > 0 else part
+    with _device_guard(dev):  # launch on z's GPU, not the current one
+        _okd_fused_kernel[(triton.cdiv(B, cfg.rows),)](
+            *zp, *dzp, s_arg, ds_arg, labels, kd_scale, part, loss_count, terms,
+            enc.ens_inputs, enc.ens_col, enc.ens_width, enc.ce_count, enc.mix_w, enc.mix_t, enc.mix_s,
+            B, K, S, enc.num_ensembles, float(T), 1.0 / float(T), 1.0 / B,
+            M=M, N=N, NP=cfg.np, WMAX=enc.max_width, WP=_next_pow2(enc.max_width), SP=_next_pow2(max(S, 1)),
+            BK=cfg.block_k, TEACHER=enc.teacher_mode, ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=need_grad,
+            ROWS=cfg.rows, RB=REDUCE_BLOCK, num_warps=cfg.num_warps)
+    return loss_count[0], terms, dz, ds
+
+
+def _device_guard(dev: torch.device):
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 # Notes
