@@ -14,13 +14,15 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
     """``impl``: fused (one kernel for all parameters; CPU and CUDA in torch >= 2.4), foreach (multi-tensor),
     loop (per parameter), apex (NVIDIA apex FusedSGD, only if importable), auto (fused, else foreach).
 
-    ``auto`` avoids fused SGD on CPU under fp16 loss scaling: there (torch 2.14) a step that the
-    GradScaler skips still corrupts the momentum buffer (1e20 weights one step later; measured)."""
+    Under fp16 loss scaling (``grad_scaling``) ``auto`` takes foreach on every device and ``fused`` is an
+    error: a step that the GradScaler skips must leave the optimiser untouched, and fused SGD breaks
+    that (CPU, torch 2.14: the skipped step still writes the momentum buffer, 1e20 weights one step
+    later, measured; CUDA: the fused step reads the scaler's found-inf flag inside the kernel, a path
+    this project has not run, and the first skipped step leaves an uninitialised momentum buffer)."""
     params = list(params)
-    cpu_scaled = torch.device(device).type == "cpu" and grad_scaling
-    if cfg.impl == "fused" and cpu_scaled:
-        raise ConfigError("optim.impl=fused with fp16 loss scaling on CPU corrupts the momentum after a skipped "
-                          "step; use optim.impl=foreach or another precision")
+    if cfg.impl == "fused" and grad_scaling:
+        raise ConfigError("optim.impl=fused with fp16 loss scaling can corrupt the momentum after a skipped step; "
+                          "use optim.impl=auto or foreach, or another precision")
     kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.nesterov and cfg.momentum <= 0:
         raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
@@ -30,7 +32,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
         except ImportError:
             raise ConfigError("optim.impl=apex needs NVIDIA apex, which is not installed; use fused or auto") from None
         return FusedSGD(params, **kw)
-    if cfg.impl == "fused" or (cfg.impl == "auto" and not cpu_scaled):
+    if cfg.impl == "fused" or (cfg.impl == "auto" and not grad_scaling):
         try:
             return torch.optim.SGD(params, fused=True, **kw)
         except (RuntimeError, TypeError) as err:
