@@ -76,7 +76,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """L2 weight decay (applied to every parameter, like the reference)"""
     impl: str = "auto"
-    """SGD implementation: auto (fused; foreach under fp16 loss scaling on CPU) | fused | foreach | loop | apex (needs apex)"""
+    """SGD implementation: auto (fused; foreach under fp16 loss scaling) | fused | foreach | loop | apex (needs apex)"""
     clip_grad: float = 0.0
     """clip the global gradient norm to this value; 0 = off"""
     lr_base_batch: int = 0
