@@ -1,0 +1,196 @@
+"""Long runs on a cluster: stop signals, mid-epoch checkpoints, kill -9, non-finite guard, corrupt checkpoints,
+refused output folders, the folder lock. Runs that must be interrupted are fresh processes; the rest run
+in-process through ``train_main``."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ahbf.engine.checkpoint import load_checkpoint
+from ahbf.engine.cli import train_main
+from ahbf.engine.fault import NONFINITE_EXIT, PREEMPTED_EXIT, FolderLock
+
+# 58 train / 6 val / 16 test images of 8 x 8 px, batch 8: 8 steps per epoch, 16 in all
+TINY = ["--dataset", "synthetic", "data.synthetic_samples=64", "--image-size", "8", "--arch", "resnet8", "-b", "8",
+        "--epochs", "2", "--precision", "fp32", "--objective-backend", "eager", "--deterministic", "--no-progress",
+        "train.tensorboard=false", "train.threads=1", "--log-interval", "1", "--device", "cpu"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ahbf.engine.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
+    """Read the plain progress lines ("... (N)  loss ...") until global step ``step`` is done."""
+    for line in proc.stdout:
+        lines.append(line)
+        if f"({step})  loss" in line:
+            return
+    raise AssertionError("the run ended before step %d:\n%s" % (step, "".join(lines[-20:])))
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(str(path))["model"]
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's final weights."""
+    out = tmp_path_factory.mktemp("reference")
+    assert train_main([*TINY, "-o", str(out), "--checkpoint-every", "off"]) == 0
+    return weights(out / "last.pt")
+
+
+def test_sigterm_mid_epoch_writes_that_step_and_resume_is_bitwise(tmp_path, reference, capsys):
+    proc, lines = start(*TINY, "-o", str(tmp_path), "--checkpoint-every", "off"), []
+    wait_for_step(proc, 3, lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, rest[-2000:]
+    assert "stopped by SIGTERM after step" in rest and "--resume auto" in rest
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["epoch"] == 0 and 3 <= ckpt["step"] == ckpt["batch"] < 8  # mid-epoch: the step it stopped at
+    assert train_main([*TINY, "-o", str(tmp_path), "--resume", "auto"]) == 0
+    assert f"{ckpt['batch']} batches of epoch 1" in capsys.readouterr().out
+    assert_bitwise(weights(tmp_path / "last.pt"), reference)
+
+
+def test_kill_9_at_random_steps_loses_at_most_one_interval_and_resumes_bitwise(tmp_path, reference):
+    rng, every, done = random.Random(os.getpid()), 3, 0
+    for _ in range(2):  # two kills at random steps, each resumed with the same command
+        kill_at = rng.randint(done + 1, 14)
+        proc, lines = start(*TINY, "-o", str(tmp_path), "--resume", "auto", "--checkpoint-every", str(every)), []
+        wait_for_step(proc, kill_at, lines)
+        proc.kill()
+        proc.communicate(timeout=60)
+        done = load_checkpoint(str(tmp_path / "last.pt"))["step"]
+        assert kill_at - every <= done <= kill_at + 1, (kill_at, done)  # at most one interval lost
+    proc = start(*TINY, "-o", str(tmp_path), "--resume", "auto", "--checkpoint-every", str(every))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert_bitwise(weights(tmp_path / "last.pt"), reference)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1", "--checkpoint-every", "4"]) == 0
+    assert load_checkpoint(str(tmp_path / "last.1.pt"))["step"] == 4  # keep_last 2: the mid-epoch one
+    size = os.path.getsize(tmp_path / "last.pt")
+    with open(tmp_path / "last.pt", "r+b") as f:
+        f.truncate(size // 2)
+    (tmp_path / "best.pt").write_bytes(b"")  # a broken best.pt does not block the resume either
+    capsys.readouterr()
+    assert train_main([*TINY, "-o", str(tmp_path), "--resume", "auto", "--checkpoint-every", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "last.pt" in out and "resumed from the previous good checkpoint" in out and "last.1.pt" in out
+    assert "resumed from" in out and "4 batches of epoch 1" in out
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 16
+
+
+def test_flipped_bit_is_caught_by_the_checksum(tmp_path, capsys):
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1", "--checkpoint-every", "off"]) == 0
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    next(v for v in ckpt["model"].values() if v.is_floating_point()).add_(1e-3)  # the checksum is not updated
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert not (tmp_path / "last.1.pt").exists()  # one checkpoint only: nothing to fall back to
+    capsys.readouterr()
+    assert train_main([*TINY, "-o", str(tmp_path), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "do not match its checksum" in err and "no usable checkpoint" in err
+
+
+def test_huge_lr_stops_and_leaves_no_non_finite_checkpoint(tmp_path, capsys):
+    code = train_main([*TINY, "-o", str(tmp_path), "--lr", "1e39", "--log-interval", "20", "--checkpoint-every", "3"])
+    assert code == NONFINITE_EXIT
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "non-finite" in err and "step" in err
+    assert "last good checkpoint" in err
+    for name in os.listdir(tmp_path):
+        if name.endswith(".pt"):
+            ckpt = load_checkpoint(str(tmp_path / name))
+            assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
+
+
+def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1"]) == 0
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    capsys.readouterr()
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1", "--overwrite"]) == 0
+    assert "--overwrite: deleted the previous run's" in capsys.readouterr().out
+
+
+def test_a_live_run_holds_the_folder(tmp_path, capsys):
+    lock = FolderLock(str(tmp_path))  # what a live run holds
+    try:
+        assert train_main([*TINY, "-o", str(tmp_path)]) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+    (tmp_path / "last.pt.tmp4242").write_bytes(b"half a checkpoint")  # a write cut by kill -9
+    assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1", "--checkpoint-every", "off"]) == 0
+    assert "removed 1 temporary file(s)" in capsys.readouterr().out
+    assert not (tmp_path / "last.pt.tmp4242").exists()
+
+
+def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path):
+    """torchrun --max-restarts 1, rank 1 SIGKILLed after a mid-epoch checkpoint: the group restarts, resumes
+    (no --resume flag) and ends with the weights of an uninterrupted 2-process run."""
+    from test_engine_ddp import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "ahbf.engine.cli",
+               *TINY, "--checkpoint-every", "2", "-o", str(out), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    proc, lines = torchrun(tmp_path / "killed"), []
+    wait_for_step(proc, 5, lines)  # 4 steps per epoch and rank: mid-epoch 2 after the checkpoint of step 4
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid]
+    rank1 = [p for p in workers if _environ(p).get("RANK") == "1"]
+    assert rank1, workers
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines)[-2000:] + out[-3000:]
+    assert "resumed from" in out
+    ref = torchrun(tmp_path / "reference")
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_out[-3000:]
+    assert_bitwise(weights(tmp_path / "killed" / "last.pt"), weights(tmp_path / "reference" / "last.pt"))
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
