@@ -8,11 +8,12 @@ from torch import Tensor, nn
 
 class AHBFFusion(nn.Module):
     """One AHBF module: (x, y) -> (f, s) with f = BN2d(Conv1x1(cat[x, y])) and
-    s = ReLU(BN1d(Linear(GAP(f)))), the 2 pre-softmax importance scores of (x, y) per sample."""
+    s = ReLU(BN1d(Linear(GAP(f)))), the 2 pre-softmax importance scores of (x, y) per sample.
+    ``in_channels`` is x's + y's channels when they differ (DenseNet's branches); default 2 * channels."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, in_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(2 * channels, channels, kernel_size=1, bias=True)
+        self.conv = nn.Conv2d(in_channels or 2 * channels, channels, kernel_size=1, bias=True)
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, 2)
         self.bn_s = nn.BatchNorm1d(2)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
+from . import densenet, mobilenet, vgg
 from .peers import TemporalMeanNet
 from .resnet import CifarResNet, MultiBranchNet, PeerNet
 
@@ -13,8 +14,10 @@ from .resnet import CifarResNet, MultiBranchNet, PeerNet
 @dataclass(frozen=True)
 class Arch:
     block: str
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # blocks (VGG: convs, DenseNet: dense layers) per stage
     imagenet: bool
+    family: str = "resnet"  # resnet | vgg | densenet | mobilenetv2 (docs/models.md)
+    width: float = 0  # DenseNet: growth rate; MobileNetV2: width multiplier
 
 
 ARCHS: dict[str, Arch] = {
@@ -28,7 +31,15 @@ ARCHS: dict[str, Arch] = {
     "resnet18": Arch("basic", (2, 2, 2, 2), True),
     "resnet34": Arch("basic", (3, 4, 6, 3), True),
     "resnet50": Arch("bottleneck", (3, 4, 6, 3), True),
+    "vgg16": Arch("conv", (2, 2, 3, 3, 3), False, "vgg"),
+    "vgg19": Arch("conv", (2, 2, 4, 4, 4), False, "vgg"),
+    "densenet40_k12": Arch("dense", (6, 6, 6), False, "densenet", 12),
+    "densenet100_k12": Arch("dense", (16, 16, 16), False, "densenet", 12),
+    "densenet100_k40": Arch("dense", (16, 16, 16), False, "densenet", 40),
+    "mobilenetv2_x0_5": Arch("inverted", (1, 2, 3, 4, 3, 3, 1), False, "mobilenetv2", 0.5),
 }
+FAMILIES = {"vgg": vgg, "densenet": densenet, "mobilenetv2": mobilenet}  # modules: multi_branch(), plain()
+FAMILY_METHODS = ("ahbf", "one", "dml", "baseline")  # what the VGG / DenseNet / MobileNetV2 families build
 METHODS = ("ahbf", "one", "dml", "cl_ilr", "okddip", "kdcl", "pcl", "baseline")
 INDEPENDENT_PEERS = ("dml", "kdcl")  # methods whose peers are whole separate networks
 
@@ -40,10 +51,12 @@ def get_arch(name: str) -> Arch:
 
 
 def default_aux(arch: str, method: str) -> int:
-    """SPEC 2: aux = 4 for CIFAR and 2 for ImageNet under AHBF; identical branches otherwise."""
+    """SPEC 2: aux = 4 for CIFAR ResNets and 2 for ImageNet under AHBF; identical branches otherwise.
+    VGG, DenseNet, MobileNetV2: 2, the reference script's default (docs/models.md)."""
     if method != "ahbf":
         return 0
-    return 2 if get_arch(arch).imagenet else 4
+    a = get_arch(arch)
+    return 2 if a.imagenet or a.family != "resnet" else 4
 
 
 def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
@@ -55,6 +68,8 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
     a = get_arch(arch)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    if a.family != "resnet" and method not in FAMILY_METHODS:
+        raise ValueError(f"method {method!r} is built for the ResNets only; {arch} takes {list(FAMILY_METHODS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     aux = default_aux(arch, method) if aux is None else aux
@@ -70,6 +85,8 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
         raise ValueError(f"num_branches must be >= 3 for okddip (a leader and >= 2 peers), got {num_branches}")
 
     def build(m: int, meth: str) -> MultiBranchNet:
+        if a.family != "resnet":
+            return FAMILIES[a.family].multi_branch(a, num_classes, m, aux, meth)
         return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, m, aux, meth)
 
     if method in INDEPENDENT_PEERS:
@@ -85,6 +102,8 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
 def create_plain(arch: str, num_classes: int) -> nn.Module:
     """The plain single network that a target branch exports to (torchvision's for ImageNet)."""
     a = get_arch(arch)
+    if a.family != "resnet":
+        return FAMILIES[a.family].plain(a, num_classes)
     if a.imagenet:
         return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     return CifarResNet(a.block, list(a.layers), num_classes)
