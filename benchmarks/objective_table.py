@@ -9,8 +9,10 @@ the loss w.r.t. every branch logit and score tensor (``torch.autograd.grad``). E
 (compiles included) and then timed in ``--rounds`` blocks of ``--reps`` steps, the paths' blocks
 alternating so that load from other processes hits every path alike; each step is timed between
 device syncs. Reported: median and the 25-75 % spread of all steps, the ratio of medians vs eager,
-the kernels (CUDA) or operators (CPU) one step launches (torch.profiler), and on CUDA the HBM floor
-(bytes the step must read and write / measured device copy bandwidth). Every result records the device,
+the kernels (CUDA) or operators (CPU) one step launches (torch.profiler), and on CUDA the HBM floor:
+the step's device time (``triton.testing.do_bench``) and the fused kernel's alone against (bytes the step
+must read and write / measured device copy bandwidth), plus every byte this implementation moves
+(:func:`traffic`: the kernel and the backward rescale). Every result records the device,
 CPU, threads, versions, date and command. Output: benchmarks/results/objective_<device>.json and .md.
 
 The setup factory :func:`make_case` and :func:`make_step` are shared with ``bench_objective.py``.
@@ -135,21 +137,78 @@ def count_launches(step, device: str) -> int:
     return n
 
 
-def copy_bandwidth(device: str) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10 copies of 512 MiB."""
-    x = torch.empty(128 * 2 ** 20, dtype=torch.float32, device=device)
+def copy_bandwidth(device: str, mib: int = 512) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 10 copies of ``mib`` MiB."""
+    x = torch.empty(mib * 2 ** 18, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    times = time_steps(lambda: y.copy_(x), device, 10)
+    times = device_ms_samples(lambda: y.copy_(x), device, 10)
     return 2 * x.numel() * 4 / (statistics.median(times) / 1e3)
 
 
-def min_bytes(case: Case) -> int:
-    """What the fused step must move: read logits, scores, labels; write their gradients."""
-    z_bytes = sum(t.numel() * t.element_size() for t in case.z)
-    s_bytes = sum(t.numel() * t.element_size() for t in case.s)
-    return 2 * (z_bytes + s_bytes) + case.labels.numel() * case.labels.element_size()
+def device_ms_samples(fn, device: str, reps: int) -> list[float]:
+    """Device milliseconds of ``reps`` calls: CUDA events around each call on CUDA (launch overhead
+    included only where it is not hidden behind the previous call), wall-clock between syncs on CPU."""
+    if device != "cuda":
+        return time_steps(fn, device, reps)
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def kernel_ms(fn, device: str) -> float:
+    """Median device time of ``fn``: ``triton.testing.do_bench`` (CUDA events over many back-to-back
+    calls, L2 flushed between them) on CUDA; wall-clock median between syncs elsewhere."""
+    if device == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return statistics.median(time_steps(fn, device, 5))
+
+
+def traffic(case: Case, path: str) -> dict:
+    """Bytes of one objective step (forward + backward).
+
+    ``floor``: what any implementation must move: read the logits, scores and labels once, write their
+    gradients once (in the input dtypes). ``moved`` (triton path): what this implementation moves: the
+    kernel reads the logits (twice when a row spans several chunks), scores and labels, writes fp32
+    gradients and 2 floats per row; backward reads those fp32 gradients and writes the scaled ones
+    (``_foreach_mul``), and for bf16 / fp16 inputs reads them once more and writes the input dtype."""
+    from ahbf.kernels import triton_okd
+
+    z_el = sum(t.numel() for t in case.z)
+    s_el = sum(t.numel() for t in case.s)
+    es = case.z[0].element_size()
+    labels = case.labels.numel() * case.labels.element_size()
+    floor = 2 * (z_el + s_el) * es + labels
+    if path != "triton":
+        return {"floor_bytes": floor, "moved_bytes": None}
+    B, K = case.z[0].shape
+    cfg = triton_okd.launch_config(case.graph.num_nodes, K, B)
+    reads = (1 if K <= cfg.block_k else 2) * z_el * es + s_el * es + labels
+    kernel = reads + (z_el + s_el) * 4 + B * 8 + 16
+    rescale = 2 * (z_el + s_el) * 4
+    cast = (z_el + s_el) * (4 + es) if es != 4 else 0
+    return {"floor_bytes": floor, "moved_bytes": kernel + rescale + cast, "kernel_bytes": kernel,
+            "rescale_bytes": rescale + cast}
+
+
+def triton_kernel_only(case: Case):
+    """The fused kernel's forward launch alone (loss + fp32 gradients), for ``kernel_ms``."""
+    from ahbf.kernels import triton_okd
+    from ahbf.kernels.analytic import encode_graph, score_matrix
+
+    enc = encode_graph(case.graph, case.z[0].device)
+    z = [t.detach() for t in case.z]
+    scores = score_matrix([t.detach() for t in case.s], case.graph, z[0]).contiguous()
+    kd = torch.full((1,), KD_SCALE, device=z[0].device)
+    return lambda: triton_okd.okd_fused_triton(z, scores, case.labels, kd, enc, T, True)
 
 
 def summarize(ms: list[float]) -> dict:
@@ -176,10 +235,14 @@ def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, 
         stats = summarize(times[p])
         stats["speedup_vs_eager"] = eager_median / stats["median_ms"] if eager_median else None
         stats["launches"] = count_launches(steps[p], device)
-        if bandwidth:
-            floor_ms = min_bytes(case) / bandwidth * 1e3
-            stats["hbm_floor_ms"] = floor_ms
-            stats["x_floor"] = stats["median_ms"] / floor_ms
+        if bandwidth:  # device time of the step and of the kernel alone vs the bytes at copy bandwidth
+            stats.update(traffic(case, p))
+            stats["hbm_floor_ms"] = stats["floor_bytes"] / bandwidth * 1e3
+            stats["step_device_ms"] = kernel_ms(steps[p], device)
+            stats["x_floor"] = stats["step_device_ms"] / stats["hbm_floor_ms"]
+            if p == "triton":
+                stats["kernel_ms"] = kernel_ms(triton_kernel_only(case), device)
+                stats["moved_at_bandwidth_ms"] = stats["moved_bytes"] / bandwidth * 1e3
         row["paths"][p] = stats
     return row
 
@@ -206,8 +269,11 @@ def markdown(result: dict) -> str:
     paths = list(rows[0]["paths"])
     fused = [p for p in paths if p != "eager"]
     head = ["case", "eager ms"] + [f"{p} ms" for p in fused] + [f"{p} speedup" for p in fused]
-    if env["device"] != "cpu":
-        head += [f"{p} x HBM floor" for p in fused] + ["HBM floor ms"]
+    floor = "x_floor" in rows[0]["paths"][paths[0]]
+    if floor:
+        head += [f"{p} device ms (x HBM floor)" for p in paths] + ["HBM floor ms"]
+        if "triton" in paths:
+            head += ["triton kernel ms", "triton bytes moved at copy bw, ms"]
     head += [f"{'kernels' if env['device'] != 'cpu' else 'ops'} {p}" for p in paths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -215,8 +281,11 @@ def markdown(result: dict) -> str:
         cell = [f"{r['method']} M={r['M']} B={r['B']} K={r['K']} {r['dtype']}"]
         cell += [f"{ps[p]['median_ms']:.3f} [{ps[p]['p25_ms']:.3f}-{ps[p]['p75_ms']:.3f}]" for p in paths]
         cell += [f"**{ps[p]['speedup_vs_eager']:.2f}x**" for p in fused]
-        if env["device"] != "cpu":
-            cell += [f"{ps[p]['x_floor']:.1f}" for p in fused] + [f"{ps[fused[0]]['hbm_floor_ms']:.4f}"]
+        if floor:
+            cell += [f"{ps[p]['step_device_ms']:.4f} ({ps[p]['x_floor']:.1f}x)" for p in paths]
+            cell += [f"{ps[paths[0]]['hbm_floor_ms']:.4f}"]
+            if "triton" in paths:
+                cell += [f"{ps['triton']['kernel_ms']:.4f}", f"{ps['triton']['moved_at_bandwidth_ms']:.4f}"]
         cell += [str(ps[p]["launches"]) for p in paths]
         lines.append("| " + " | ".join(cell) + " |")
     info = (f"Device: {env['device']}; CPU: {env['cpu']} ({env['cpu_count']} cores), torch threads: {env['threads']}; "
@@ -226,7 +295,12 @@ def markdown(result: dict) -> str:
     clock = "wall-clock" if env.get("clock", "wall") == "wall" else "thread CPU-time"
     note = (f"Forward + backward of the objective, {clock} milliseconds: median [25th-75th percentile] of "
             f"{rows[0]['paths'][paths[0]]['n']} steps per path; speedup = eager median / fused median; "
-            "ops/kernels = outermost operators (CPU) or CUDA kernels launched by one step.")
+            "ops/kernels = outermost operators (CPU) or CUDA kernels launched by one step."
+            + (" Device ms: triton.testing.do_bench of the whole step (CUDA events, L2 flushed; wall-clock on "
+               "CPU); HBM floor = (logits, scores, labels read once + their gradients written once) / measured "
+               "copy bandwidth; kernel ms: the fused forward launch alone; bytes moved: everything this "
+               "implementation reads and writes (kernel + backward rescale and cast), at copy bandwidth."
+               if floor else ""))
     return "\n".join([f"Command: `{env['command']}`", "", info, "", note, "", *lines, ""])
 
 
@@ -246,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="wall time, or the thread's CPU time (CPU, --threads 1 only: robust to other jobs)")
     ap.add_argument("--paths", default=None, help="default: eager,compiled on CPU; eager,compiled,triton on CUDA")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/objective_<device>.json)")
+    ap.add_argument("--hbm-floor", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure copy bandwidth and compare device times with the byte floor (default: on CUDA)")
+    ap.add_argument("--bandwidth-mib", type=int, default=512, help="buffer size of the copy-bandwidth measurement")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(device, torch.get_num_threads())
     env["clock"] = args.clock
     bandwidth = None
-    if device == "cuda":
-        bandwidth = copy_bandwidth(device)
+    if args.hbm_floor if args.hbm_floor is not None else device == "cuda":
+        bandwidth = copy_bandwidth(device, args.bandwidth_mib)
         env["bandwidth_gbs"] = bandwidth / 1e9
     rows = []
     for method in args.methods.split(","):
