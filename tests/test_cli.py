@@ -18,7 +18,7 @@ TRAIN_FLAGS = {
     "--no-compile", "--compile-mode", "--threads", "--sync-bn", "--no-sync-bn", "--deterministic", "--no-deterministic", "--log-interval", "--progress", "--no-progress",
     "--checkpoint-every", "--keep-last", "--overwrite", "--no-overwrite",
 }
-EVAL_FLAGS = {"-h", "--help", "--split", "--dataset", "--data-dir", "-b", "--batch-size", "--device", "--precision"}
+EVAL_FLAGS = {"-h", "--help", "--split", "--json", "--dataset", "--data-dir", "-b", "--batch-size", "--device", "--precision"}
 EXPORT_FLAGS = {"-h", "--help", "-o", "--output"}
 
 

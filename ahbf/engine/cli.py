@@ -163,7 +163,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ahbf-eval", description="Top-1 / top-5 of every branch and every TA of an "
                                 "ahbf-train checkpoint on the test split of the data set it was trained on.")
     p.add_argument("checkpoint", help="a checkpoint written by ahbf-train (last.pt, best.pt, epoch_N.pt)")
-    p.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate [default test]")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test (the data set's test set) or val (the held-out part of the training set) [default test]")
+    p.add_argument("--json", default="", metavar="FILE",
+                   help="also write the numbers as JSON: every node's top-1 / top-5 (%%), loss and sample count")
     for flags, key in [(("--dataset",), "data.dataset"), (("--data-dir",), "data.root"),
                        (("-b", "--batch-size"), "data.eval_batch_size"), (("--device",), "train.device"),
                        (("--precision",), "train.precision")]:
@@ -179,7 +182,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     def run():
         flags = [(k, v) for k, v in vars(args).items() if "." in k]
-        run_eval(args.checkpoint, args.split, flags + [parse_override(o) for o in args.overrides])
+        run_eval(args.checkpoint, args.split, flags + [parse_override(o) for o in args.overrides], args.json)
 
     return _run("ahbf-eval", run)
 

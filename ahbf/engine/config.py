@@ -418,8 +418,16 @@ def parse_interval(text: str) -> tuple[str, float]:
 
 
 def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -> RunConfig:
-    """Defaults, then YAML files in order, then (key, value) overrides in order; validated."""
+    """Defaults, then YAML files in order, then (key, value) overrides in order; validated.
+
+    Without files, a ``data.dataset`` override that has a recipe (``ahbf.engine.recipes``) applies that
+    data set's paper values first, so the digits demo's defaults do not leak into it."""
+    from .recipes import RECIPES, chosen_recipe
+
     cfg = RunConfig()
+    recipe = chosen_recipe(files, overrides)
+    if recipe:
+        merge_dict(cfg, RECIPES[recipe].values, source=f"recipe {recipe}")
     for path in files:
         merge_dict(cfg, load_yaml(path), source=path)
     for key, value in overrides:

@@ -1,6 +1,7 @@
 """``ahbf-eval`` and ``ahbf-export``: a checkpoint -> a test-set table, or a plain target state dict."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -23,10 +24,16 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
     return model.to(device).eval()
 
 
-def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = ()) -> dict[str, dict[str, float]]:
-    """Top-1 / top-5 of every branch and TA of a checkpoint on its data set's test (or val) split."""
+def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = (),
+             json_path: str = "") -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 of every branch and TA of a checkpoint on its data set's test (or val) split; with
+    ``json_path``, also written there as JSON (``as_json``)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, got {split!r}")
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
+    # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
+    cfg.train.device, cfg.data.backend = "auto", "auto"
     # no up-front scan of every image (for ImageNet: 1.28M training files to evaluate 50k); a bad image is
     # still a one-line error naming it when it is decoded. `data.check_images=...` overrides this.
     cfg.data.check_images = "none"
@@ -51,7 +58,21 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "
                                 f"split, {precision}"))
+    if json_path:
+        info = {"checkpoint": path, "epoch": ckpt.get("epoch"), "spec": dict(spec), "dataset": cfg.data.dataset,
+                "split": split, "precision": precision}
+        with open(json_path, "w") as f:
+            json.dump(as_json(metrics, info), f, indent=1)
+            f.write("\n")
     return metrics
+
+
+def as_json(metrics: dict[str, dict[str, float]], info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` plus ``samples`` and ``nodes``: ``{name: {top1, top5, loss, samples}}`` in table order
+    (accuracies in %, loss = mean cross-entropy)."""
+    n = metrics["_samples"]["n"]
+    nodes = {name: {**m, "samples": n} for name, m in metrics.items() if not name.startswith("_")}
+    return {**info, "target": "branch0", "samples": n, "nodes": nodes}
 
 
 def run_export(path: str, output: str = "") -> str:

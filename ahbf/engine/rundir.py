@@ -37,6 +37,19 @@ def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | N
     return path
 
 
+def shared_output(cfg, env_vars: Mapping[str, str] = os.environ) -> str:
+    """``resolve_output`` on every rank; where the name has a time suffix (no torchrun run id), rank 0's
+    choice is broadcast so that every rank writes to the same folder."""
+    path = resolve_output(cfg, env_vars)
+    import torch.distributed as dist
+
+    if not (cfg.train.output or cfg.train.name) and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [path]
+        dist.broadcast_object_list(shared, src=0)
+        path = shared[0]
+    return path
+
+
 def link_latest(output: str) -> None:
     """Point ``<parent of output>/latest`` at ``output`` (relative link); silently nothing where links are impossible."""
     parent, name = os.path.split(os.path.normpath(output))
