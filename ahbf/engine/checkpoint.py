@@ -124,6 +124,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means "not a readable checkpoint"
         reason = " ".join(str(err).split()) or type(err).__name__
+        if reason.startswith("Weights only load failed"):  # keep torch's reason, drop its advice to load unsafely
+            for marker in ("trusted source.", "compatible with your use case:", "WeightsUnpickler error:"):
+                reason = reason.split(marker)[-1]
+            reason = "refused by the weights-only unpickler: " + reason.split(" Check the documentation")[0].strip()
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
         raise CheckpointError(f"{path} is not an ahbf-train checkpoint (no 'model' and 'spec' entries)")

@@ -1,0 +1,127 @@
+"""Up-front range checks of every config value, checkpoint integrity (one full line per problem), rotation,
+the empty-batch refusal of okd_loss, and the loaders' mid-epoch start."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from ahbf.engine.checkpoint import (CheckpointError, check_resumable, load_checkpoint, load_weights, newest_first,
+                                    non_finite, remove_temporaries, save_checkpoint)
+from ahbf.engine.config import ConfigError, build_config, parse_interval
+from ahbf.engine.task import resolve_model, resolve_objective
+from ahbf.kernels import build_graph
+from ahbf.kernels.okd import okd_loss
+from ahbf.models import create_model
+from ahbf.pipelines.memory import DeviceTensorLoader
+from ahbf.pipelines.torch_folder import EpochSampler
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("objective.kd_weight", -5, "objective.kd_weight must be >= 0"),
+    ("model.aux", -2, "model.aux must be in [0, 64]"),
+    ("model.aux", "many", "model.aux must be a number or auto"),
+    ("optim.lr", "inf", "optim.lr must be a finite number"),
+    ("optim.lr", 1e39, None),  # finite: accepted (the non-finite guard stops the run)
+    ("objective.T", "nan", "objective.T must be > 0"),
+    ("schedule.min_lr", 0.5, "schedule.min_lr must be in [0, optim.lr = 0.1]"),
+    ("data.val_fraction", -0.5, "data.val_fraction must be in [0, 0.99]"),
+    ("data.image_size", -1, "data.image_size must be 0"),
+    ("data.synthetic_classes", 0, "data.synthetic_classes must be >= 2"),
+    ("data.batch_size", 1, "data.batch_size must be >= 2"),
+    ("optim.momentum", 1.5, "optim.momentum must be in"),
+    ("model.num_branches", 1, "model.num_branches must be >= 2 for ahbf"),
+    ("train.keep_last", 0, "train.keep_last must be >= 1"),
+    ("train.dist_timeout", 0, "train.dist_timeout must be >= 1"),
+    ("train.checkpoint_every", "-3", "train.checkpoint_every must be off"),
+    ("train.checkpoint_every", "10x", "train.checkpoint_every must be off"),
+])
+def test_every_value_is_range_checked(key, value, message):
+    if message is None:
+        build_config(overrides=[(key, value)])
+        return
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        build_config(overrides=[(key, value)])
+
+
+def test_auto_is_spelled_auto_and_old_minus_one_still_reads():
+    for value in ("auto", -1):
+        cfg = build_config(overrides=[("model.aux", value), ("objective.kd_weight", value)])
+        assert cfg.model.aux == "auto" and cfg.objective.kd_weight == "auto"
+        assert resolve_model(cfg.model).aux == 4 and resolve_objective(cfg.objective, "ahbf").kd_weight == 1.5
+    cfg = build_config(overrides=[("model.aux", 2), ("objective.kd_weight", "0.5")])
+    assert cfg.model.aux == 2 and cfg.objective.kd_weight == 0.5
+    assert parse_interval("500") == ("steps", 500) and parse_interval("30m") == ("minutes", 30)
+    assert parse_interval("off") == ("off", 0)
+
+
+def test_okd_loss_refuses_an_empty_batch():
+    graph = build_graph("ahbf", 3)
+    z = [torch.zeros(0, 10) for _ in range(3)]
+    s = [torch.zeros(0, 2) for _ in range(2)]
+    with pytest.raises(ValueError, match="empty batch"):
+        okd_loss(z, s, torch.zeros(0, dtype=torch.long), graph, backend="eager")
+
+
+def small_state(**extra):
+    model = create_model("resnet8", "baseline", 10)
+    return model, {"model": model.state_dict(), "optim": {}, "epoch": 1, "step": 3, "spec": dict(model.spec),
+                   "history": [], "rng": {}, **extra}
+
+
+def test_checkpoint_problems_are_one_full_line(tmp_path):
+    model, state = small_state()
+    path = str(tmp_path / "last.pt")
+    save_checkpoint({k: v for k, v in state.items() if k != "optim"}, path)
+    with pytest.raises(CheckpointError, match="no 'optim' entries"):
+        check_resumable(load_checkpoint(path), path)
+    bad = dict(state["model"])
+    bad.pop("branches.0.fc.bias")
+    bad["branches.0.fc.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(model, bad, path)
+    assert "1 missing (branches.0.fc.bias)" in str(err.value) and "1 reshaped (branches.0.fc.weight (3, 3) != (10, 64))" in str(err.value)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil(), "spec": {}}, protocol=2))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(tmp_path / "evil.pt"))
+    assert "posix.system" in str(err.value)  # the reason is not cut
+    assert "refused by the weights-only unpickler" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rotation_keeps_the_last_n_and_lists_them_newest_first(tmp_path):
+    _, state = small_state()
+    path = str(tmp_path / "last.pt")
+    for step in range(4):
+        save_checkpoint({**state, "step": step}, path, keep_last=3)
+    chain = newest_first(path)
+    assert [os.path.basename(p) for p in chain] == ["last.pt", "last.1.pt", "last.2.pt"]
+    assert [load_checkpoint(p)["step"] for p in chain] == [3, 2, 1]
+    save_checkpoint({**state, "step": 4}, path, keep_last=1)  # a resumed run that keeps fewer
+    assert newest_first(path) == [path]
+    (tmp_path / "last.pt.tmp123").write_bytes(b"")
+    assert remove_temporaries(str(tmp_path)) == ["last.pt.tmp123"]
+    assert non_finite({"a": torch.tensor([1.0, float("inf")]), "b": torch.ones(2), "c": torch.arange(3)}) == ["a"]
+
+
+def test_loaders_start_mid_epoch_with_the_same_batches():
+    images = torch.randint(0, 255, (37, 8, 8, 3), dtype=torch.uint8)
+    loader = DeviceTensorLoader(images, torch.arange(37) % 5, 4, (0.5,) * 3, (0.25,) * 3, train=True, pad=2, seed=3)
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2, start=6)
+    tail = list(loader)
+    assert len(tail) == len(full) - 6
+    for (x, y), (x2, y2) in zip(full[6:], tail):
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # same crops and flips: the skipped draws were made
+    sampler = EpochSampler(50, seed=1, rank=0, world_size=2, shuffle=True)
+    sampler.epoch = 3
+    whole = list(sampler)
+    sampler.skip = 8
+    assert list(sampler) == whole[8:] and len(sampler) == len(whole)
