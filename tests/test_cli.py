@@ -112,6 +112,8 @@ def test_default_demo_path_then_resume_auto(tmp_path, capsys):
     assert "TARGET (branch0) TEST TOP-1:" in text and "branch0 (target)" in text and "ta2" in text
     assert {"last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", "tb", "results.json"} <= set(
         p.name for p in (tmp_path / "demo").iterdir())
+    resolved = (tmp_path / "demo" / "config.yaml").read_text()
+    assert "auto" not in resolved and "detach_teacher: false\n" in resolved  # every value resolved and typed
     assert train_main(["--epochs", "3", "-o", out, "--no-progress", "--resume", "auto"]) == 0
     text = capsys.readouterr().out
     assert "resumed from" in text and "epoch   3/3" in text and "epoch   2/3" not in text

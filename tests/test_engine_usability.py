@@ -74,6 +74,10 @@ def test_resolve_output_names_and_suffixes(tmp_path, monkeypatch):
     # torchrun: every rank and every restart finds the same folder; the static default id "none" is no id
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}, now) == "runs/digits-resnet8-dml-job42"
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "none"}, now).startswith(f"runs/digits-resnet8-dml-{stamp}")
+    cfg.train.resume = "auto"  # a requeued job: continue the newest folder of the same dataset-arch-method
+    os.utime(f"runs/digits-resnet8-dml-{stamp}", (now + 60, now + 60))
+    assert resolve_output(cfg, {}, now) == f"runs/digits-resnet8-dml-{stamp}"
+    assert resolve_output(build_config(overrides=[("train.resume", "auto")]), {}, now).startswith("runs/digits-resnet8-ahbf-")
     cfg.train.name = "ablation-a"
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}) == "runs/ablation-a"
     cfg.train.output = "/exact/path"

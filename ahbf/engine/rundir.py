@@ -3,7 +3,8 @@
 ``-o PATH`` is used as given; ``--name NAME`` means ``runs/NAME``; otherwise
 ``runs/<dataset>-<arch>-<method>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` ... if taken). Under torchrun the
 suffix is the rendezvous id (``TORCHELASTIC_RUN_ID``) instead of the time, so every rank and every
-elastic restart resolves the same folder without a broadcast.
+elastic restart resolves the same folder without a broadcast. ``--resume auto`` without a folder
+continues the newest folder of the same ``<dataset>-<arch>-<method>``, if there is one (a requeued job).
 """
 from __future__ import annotations
 
@@ -29,12 +30,24 @@ def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | N
     run_id = env_vars.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":  # torchrun: the same id on every rank and across restarts
         return os.path.join(RUNS, f"{auto_stem(cfg)}-{run_id}")
+    if t.resume == "auto" and (newest := newest_run(auto_stem(cfg))):
+        return newest
     base = os.path.join(RUNS, f"{auto_stem(cfg)}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
     path, n = base, 1
     while os.path.exists(path):
         n += 1
         path = f"{base}-{n}"
     return path
+
+
+def newest_run(stem: str) -> str:
+    """The most recently written folder ``runs/<stem>-*``, or ""."""
+    try:
+        names = [n for n in os.listdir(RUNS) if n.startswith(stem + "-")]
+    except OSError:
+        return ""
+    folders = [os.path.join(RUNS, n) for n in names if os.path.isdir(os.path.join(RUNS, n))]
+    return max(folders, key=os.path.getmtime, default="")
 
 
 def shared_output(cfg, env_vars: Mapping[str, str] = os.environ) -> str:
