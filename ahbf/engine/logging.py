@@ -41,7 +41,7 @@ class EpochProgress:
         self.enabled, self.plain = enabled, enabled and not bars
         self.bar = tqdm(total=samples, desc=f"epoch {epoch + 1}/{epochs}", unit="img", leave=False,
                         disable=not (enabled and bars), dynamic_ncols=True)
-        self.wait = 0.0  # seconds waiting for batches this epoch
+        self.wait, self.images = 0.0, 0  # seconds waiting for batches, images trained (all ranks) this epoch
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -61,6 +61,7 @@ class EpochProgress:
     def advance(self, images: int) -> None:
         """A training step on ``images`` images (over all ranks) is done."""
         self.bar.update(images)
+        self.images += images
         self.window_images += images
         self.window_steps += 1
 

@@ -240,7 +240,7 @@ class Trainer:
         self.epoch, self.batch = epoch + 1, 0
         return {"epoch": self.epoch, "step": self.step, "lr": lr, "kd_scale": self.task.kd_scale,
                 **{f"train_{k}": v for k, v in means.items()},
-                "img_per_s": (loader.num_samples - untimed) * self.env.world_size / max(seconds, 1e-9),
+                "img_per_s": (progress.images - untimed * self.env.world_size) / max(seconds, 1e-9),
                 "epoch_s": seconds, "data_wait": progress.wait / max(seconds, 1e-9),
                 **({} if compile_s is None else {"compile_s": compile_s})}
 
