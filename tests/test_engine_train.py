@@ -147,7 +147,7 @@ def test_gradient_clipping_bounds_the_norm():
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
-    assert train_main([*TINY, "-o", str(tmp_path), "--lr", "1e30", "--warmup-epochs", "0", "--log-interval", "3"]) == 2
+    assert train_main([*TINY, "-o", str(tmp_path), "--lr", "1e30", "--warmup-epochs", "0", "--log-interval", "3"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("ahbf-train: error: non-finite loss at step 2"), err
 

@@ -163,10 +163,14 @@ def describe(spec: dict[str, Any]) -> str:
     return f"{spec.get('arch')} ({m}{shape}) with {spec.get('num_classes')} classes"
 
 
+class ModelMismatchError(CheckpointError):
+    """A readable checkpoint of another model: a configuration error, not a damaged file (no fallback)."""
+
+
 def check_spec(found: dict[str, Any], expected: dict[str, Any], path: str) -> None:
-    """One-line ``CheckpointError`` naming both models when a checkpoint belongs to another model."""
+    """One-line ``ModelMismatchError`` naming both models when a checkpoint belongs to another model."""
     if any(found.get(k) != expected.get(k) for k in SPEC_KEYS):
-        raise CheckpointError(f"checkpoint {path} holds {describe(found)}, but this run builds {describe(expected)}")
+        raise ModelMismatchError(f"checkpoint {path} holds {describe(found)}, but this run builds {describe(expected)}")
 
 
 def rng_state() -> dict[str, Any]:

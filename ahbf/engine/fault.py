@@ -76,25 +76,41 @@ def run_files(folder: str) -> list[str]:
 
 
 class FolderLock:
-    """An exclusive ``flock`` on ``<folder>/.lock`` (non-blocking); the file names the holder's pid and host."""
+    """An exclusive ``flock`` on ``<folder>/.lock`` (non-blocking), naming the holder's pid and host. The file is
+    removed on release; a holder checks after locking that the path is still its file (a release in between)."""
 
     def __init__(self, folder: str):
         self.path = os.path.join(folder, ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise RunFolderError(f"{folder} is in use by a live run ({holder}); wait for it to end or choose "
-                                 "another output folder") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunFolderError(f"{folder} is in use by a live run ({holder}); wait for it to end or choose "
+                                     "another output folder") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the previous holder removed the file we locked: lock the new one
+        self.fd: int | None = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock; the file stays (removing it would race a newcomer)
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
             self.fd = None
+
+    def __del__(self):
+        self.release()
 
 
 def claim_folder(folder: str, *, resume: bool, overwrite: bool) -> tuple[FolderLock, list[str]]:

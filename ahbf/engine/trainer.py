@@ -21,7 +21,7 @@ from ..evaluation import evaluate, format_table
 from ..models import create_model
 from ..models.summary import count_parameters
 from ..pipelines import build_data
-from .checkpoint import (CheckpointError, atomic_copy, check_resumable, check_spec, load_checkpoint, load_weights,
+from .checkpoint import (CheckpointError, ModelMismatchError, atomic_copy, check_resumable, check_spec, load_checkpoint, load_weights,
                          newest_first, non_finite, rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, RunConfig
 from .compile import compile_model, timed
@@ -75,8 +75,8 @@ def resolve(cfg: RunConfig, device: torch.device) -> RunConfig:
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, recipe: str = ""):
         self.cfg, self.env, t = resolve(cfg, env.device), env, cfg.train
-        self.recipe, self.auto_output = recipe, not t.output  # recipe: the data set's recipe in force (cli)
-        t.output = shared_output(cfg)
+        self.recipe, self.auto_output = recipe, bool(t.name) or not t.output  # recipe: in force (cli); runs/latest
+        t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
         if restart_count() > 0 and not t.resume:
             t.resume = "auto"  # a torchrun restart continues the first attempt's run
         self.bars = use_bars(t.progress)
@@ -167,6 +167,8 @@ class Trainer:
         for candidate in chain:
             try:
                 self.load(candidate)
+            except ModelMismatchError:
+                raise  # the run's config builds another model: an older checkpoint would not fit either
             except CheckpointError as err:
                 skipped.append(str(err))
                 self.log.info(f"warning: {err}; trying the previous checkpoint")
