@@ -78,10 +78,10 @@ def test_resolve_output_names_and_suffixes(tmp_path, monkeypatch):
     os.utime(f"runs/digits-resnet8-dml-{stamp}", (now + 60, now + 60))
     assert resolve_output(cfg, {}, now) == f"runs/digits-resnet8-dml-{stamp}"
     assert resolve_output(build_config(overrides=[("train.resume", "auto")]), {}, now).startswith("runs/digits-resnet8-ahbf-")
-    cfg.train.name = "ablation-a"
-    assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}) == "runs/ablation-a"
     cfg.train.output = "/exact/path"
     assert resolve_output(cfg, {}) == "/exact/path"
+    cfg.train.name = "ablation-a"  # wins over an output from a config file (-c <run>/config.yaml --name again)
+    assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}) == "runs/ablation-a"
     assert build_config(overrides=[("train.name", "x")]).train.output == ""  # --name does not set the output
 
 

@@ -104,7 +104,7 @@ class TrainConfig:
     output: str = ""
     """output folder (checkpoints, config.yaml, metrics.csv, TensorBoard logs, curves.png); empty = runs/<name>, or runs/<dataset>-<arch>-<method>-<date-time> without a name"""
     name: str = ""
-    """run name: the output folder is runs/<name> (ignored when train.output is set)"""
+    """run name: the output folder is runs/<name> (wins over train.output; config.yaml records the folder as train.output)"""
     resume: str = ""
     """checkpoint to resume from: a path, or auto (= <output>/last.pt if it exists)"""
     seed: int = 0

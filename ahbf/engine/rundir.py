@@ -1,6 +1,7 @@
 """The run folder: one per run under ``runs/``, named from its config, and a ``runs/latest`` link.
 
-``-o PATH`` is used as given; ``--name NAME`` means ``runs/NAME``; otherwise
+``--name NAME`` means ``runs/NAME`` (it wins over ``train.output``, so ``-c <run>/config.yaml --name again``
+repeats a run into a new folder); ``-o PATH`` is used as given; otherwise
 ``runs/<dataset>-<arch>-<method>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` ... if taken). Under torchrun the
 suffix is the rendezvous id (``TORCHELASTIC_RUN_ID``) instead of the time, so every rank and every
 elastic restart resolves the same folder without a broadcast. ``--resume auto`` without a folder
@@ -23,10 +24,10 @@ def auto_stem(cfg) -> str:
 def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | None = None) -> str:
     """The output folder of a run (a pure function of the config, the environment and the clock)."""
     t = cfg.train
-    if t.output:
-        return t.output
     if t.name:
         return os.path.join(RUNS, t.name)
+    if t.output:
+        return t.output
     run_id = env_vars.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":  # torchrun: the same id on every rank and across restarts
         return os.path.join(RUNS, f"{auto_stem(cfg)}-{run_id}")
