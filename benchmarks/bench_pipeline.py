@@ -233,6 +233,10 @@ def main(argv=None) -> dict:
     return record
 
 
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"  # no baseline row in this run
+
+
 def markdown(rec: dict) -> str:
     s = rec["setup"]
     speed_key = next(k for k in next(iter(rec["results"].values())) if k.startswith("speedup_vs_"))
@@ -250,7 +254,7 @@ def markdown(rec: dict) -> str:
     ]
     for r in rec["results"].values():
         lines.append(f"| {r['pipeline']} | {r['median_img_s']:.0f} | {r['min_img_s']:.0f} - {r['max_img_s']:.0f} | "
-                     f"{r[speed_key]:.2f}x | {r['img_per_cpu_s']:.0f} | {r['cpu_efficiency_ratio']:.2f}x | "
+                     f"{_x(r[speed_key])} | {r['img_per_cpu_s']:.0f} | {_x(r['cpu_efficiency_ratio'])} | "
                      f"{r['first_batch_s']:.2f} | {r.get('pipeline_build_s') or 0:.2f} |")
     lines += ["", "img/s: images over the wall-clock time of a whole epoch (what training sees; depends on other "
               "load). img per CPU-second: images over the CPU time used by the process and its workers "

@@ -163,13 +163,13 @@ def device_ms_samples(fn, device: str, reps: int) -> list[float]:
     return out
 
 
-def kernel_ms(fn, device: str) -> float:
+def kernel_ms(fn, device: str, reps: int = 5) -> float:
     """Median device time of ``fn``: ``triton.testing.do_bench`` (CUDA events over many back-to-back
-    calls, L2 flushed between them) on CUDA; wall-clock median between syncs elsewhere."""
+    calls, L2 flushed between them) on CUDA; wall-clock median of ``reps`` calls between syncs elsewhere."""
     if device == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    return statistics.median(time_steps(fn, device, 5))
+    return statistics.median(time_steps(fn, device, reps))
 
 
 def traffic(case: Case, path: str) -> dict:
@@ -199,8 +199,9 @@ def traffic(case: Case, path: str) -> dict:
             "rescale_bytes": rescale + cast}
 
 
-def triton_kernel_only(case: Case):
-    """The fused kernel's forward launch alone (loss + fp32 gradients), for ``kernel_ms``."""
+def triton_kernel_only(case: Case, cfg=None):
+    """The fused kernel's forward launch alone (loss + fp32 gradients), for ``kernel_ms``; ``cfg``: a
+    ``triton_okd.LaunchConfig`` (default: the default tile)."""
     from ahbf.kernels import triton_okd
     from ahbf.kernels.analytic import encode_graph, score_matrix
 
@@ -208,7 +209,8 @@ def triton_kernel_only(case: Case):
     z = [t.detach() for t in case.z]
     scores = score_matrix([t.detach() for t in case.s], case.graph, z[0]).contiguous()
     kd = torch.full((1,), KD_SCALE, device=z[0].device)
-    return lambda: triton_okd.okd_fused_triton(z, scores, case.labels, kd, enc, T, True)
+    kw = {} if cfg is None else dict(block_k=cfg.block_k, rows=cfg.rows, num_warps=cfg.num_warps)
+    return lambda: triton_okd.okd_fused_triton(z, scores, case.labels, kd, enc, T, True, **kw)
 
 
 def summarize(ms: list[float]) -> dict:
@@ -238,10 +240,10 @@ def run_case(case: Case, paths: list[str], device: str, warmup: int, reps: int, 
         if bandwidth:  # device time of the step and of the kernel alone vs the bytes at copy bandwidth
             stats.update(traffic(case, p))
             stats["hbm_floor_ms"] = stats["floor_bytes"] / bandwidth * 1e3
-            stats["step_device_ms"] = kernel_ms(steps[p], device)
+            stats["step_device_ms"] = kernel_ms(steps[p], device, reps)
             stats["x_floor"] = stats["step_device_ms"] / stats["hbm_floor_ms"]
             if p == "triton":
-                stats["kernel_ms"] = kernel_ms(triton_kernel_only(case), device)
+                stats["kernel_ms"] = kernel_ms(triton_kernel_only(case), device, reps)
                 stats["moved_at_bandwidth_ms"] = stats["moved_bytes"] / bandwidth * 1e3
         row["paths"][p] = stats
     return row
