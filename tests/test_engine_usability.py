@@ -178,6 +178,33 @@ def test_step_line_rates_and_eta(capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == line
 
 
+def test_header_names_the_recipe_in_force(tmp_path, monkeypatch):
+    from ahbf.engine import trainer as trainer_module
+    from ahbf.engine.cli import parse_train_args
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, cfg, env, recipe=""):
+            seen.update(recipe=recipe, epochs=cfg.train.epochs)
+
+        def fit(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "Trainer", Fake)
+    assert train_main(["--dataset", "cifar100", "--epochs", "2"]) == 0
+    assert seen == {"recipe": "cifar100", "epochs": 2}
+    monkeypatch.undo()
+    cfg = parse_train_args([*TINY, "-o", str(tmp_path)])
+    trainer = trainer_module.Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")), recipe="cifar100")
+    try:
+        header = trainer.summary()
+    finally:
+        trainer.close()
+    assert "recipe: cifar100 (the values of configs/cifar100_resnet32_ahbf.yaml" in header
+    assert f"run folder: {tmp_path}" in header and "58 train / 6 val / 16 test" in header
+
+
 def test_header_counts_the_real_split_sizes_not_the_padded_shards():
     data = build_data(DataConfig(dataset="digits", image_size=8), rank=0, world_size=2)
     assert data.train.num_samples * 2 == 1294 and data.sizes == {"train": 1293, "val": 144, "test": 360}
