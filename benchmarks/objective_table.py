@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.kernels import DistillGraph, build_graph, okd_loss  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from ahbf.kernels.reference import okd_objective_reference  # noqa: E402  (the timed baseline is the checked one)
+from ahbf.kernels.reference import minlogit_target, okd_objective_reference  # noqa: E402  (the timed baseline is the checked one)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 T, KD_SCALE = 3.0, 0.75
@@ -61,18 +61,25 @@ class Case:
 
 def make_case(method: str, M: int, B: int, K: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
               seed: int = 0) -> Case:
-    """Leaf logits (x3 so that the softmaxes are not flat) and scores that require grad, and labels."""
+    """Leaf logits (x3 so that the softmaxes are not flat) and scores that require grad, and labels.
+
+    Constant teacher inputs (KDCL's MinLogit target, built from the logits; PCL's EMA peers) are made
+    as the task makes them: without grad."""
     graph = build_graph(method, M)
     gen = torch.Generator().manual_seed(seed)
-    z = [(3 * torch.randn(B, K, generator=gen)).to(device, dtype).requires_grad_() for _ in range(M)]
+    trainable = {"kdcl": M, "pcl": M + 1}.get(method, graph.num_branches)
+    z = [(3 * torch.randn(B, K, generator=gen)).to(device, dtype).requires_grad_(i < trainable)
+         for i in range(graph.num_branches)]
     s = [torch.randn(B, w, generator=gen).to(device, dtype).requires_grad_() for w in graph.score_widths]
     labels = torch.randint(0, K, (B,), generator=gen).to(device)
+    if method == "kdcl":
+        z[M] = minlogit_target(z[:M], labels)
     return Case(method, graph, z, s, labels)
 
 
 def make_step(case: Case, path: str):
     """One objective step (forward + gradients of every input) for ``path`` in eager/compiled/triton."""
-    leaves = case.z + case.s
+    leaves = [t for t in case.z if t.requires_grad] + case.s
 
     if path == "eager":
         def step():
@@ -309,7 +316,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--methods", default="ahbf,one,dml", help="comma-separated: ahbf, one, dml")
+    ap.add_argument("--methods", default="ahbf,one,dml", help="comma-separated: ahbf, one, dml, cl_ilr, okddip, kdcl, pcl")
     ap.add_argument("--branches", type=int, default=4)
     ap.add_argument("--batches", default="128,256")
     ap.add_argument("--classes", default="100,1000")
