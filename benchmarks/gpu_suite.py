@@ -159,7 +159,8 @@ def pipeline(ctx: dict) -> dict:
     images = os.path.join(ctx["scratch"], "jpegs")
     bench_pipeline.make_jpegs(images, n)
     out = {"decode_jpeg": decode_jpeg_rate(images, batch, size, ctx["device"], repeats=2 if ctx["smoke"] else 4)}
-    ctx["log"](f"  torchvision.io.decode_jpeg(device={ctx['device']!r}): {out['decode_jpeg']['median_img_s']:.0f} img/s")
+    rate = out["decode_jpeg"]["median_img_s"]
+    ctx["log"](f"  torchvision.io.decode_jpeg(device={ctx['device']!r}): {rate:.0f} img/s")
     if dali_available():
         rec = bench_pipeline.main(["--device", ctx["device"], "--images", str(n), "--batch-size", str(batch),
                                    "--size", str(size), "--repeats", "2" if ctx["smoke"] else "4",
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes (CI)")
     ap.add_argument("--out", default=None,
-                    help="folder for <gpu>-<date>.json/.md (default: benchmarks/results; a temporary folder with --smoke)")
+                    help="folder for <gpu>-<date>.json/.md (default: benchmarks/results; with --smoke a temporary "
+                         "folder)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--engine-timeout", type=int, default=300, help="seconds for bench_engine when run as a script")
     args = ap.parse_args(argv)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .graph import DistillGraph
-from .reference import compute_dtype
+from .reference import compute_dtype, grad_dtype
 
 TRITON_MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 of the Triton kernel
 
@@ -176,8 +176,8 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
     The graph's structure (ensembles, CE counts, nonzero entries of the mixing matrices) is read from
     ``enc`` as Python constants, so ``torch.compile`` specialises and unrolls it per graph; per node the
     work is a few fused elementwise passes and row reductions over [B, K]. Math in float32 (float64 for
-    float64 inputs); gradients come back in that math dtype (the op's backward scales, then casts). Returns ``(loss, ce, kd, [dz_i], dscores)``,
-    with ``[]`` and zeros for the gradients without ``need_grad``.
+    float64 inputs); gradients come back in ``grad_dtype`` (the op's backward scales, then casts). Returns
+    ``(loss, ce, kd, [dz_i], dscores)``, with ``[]`` and zeros for the gradients without ``need_grad``.
     """
     graph = enc.graph
     M = graph.num_branches
@@ -237,5 +237,5 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
             dnodes[i] = dnodes[i] + g[:, j:j + 1] * a
         dscores.append(g * (dg - (g * dg).sum(-1, keepdim=True)))
     dscores.reverse()
-    ds = torch.cat(dscores, dim=1) if dscores else torch.zeros_like(scores, dtype=dt)
-    return loss, ce, kd, dnodes[:M], ds
+    ds = torch.cat(dscores, dim=1) if dscores else torch.zeros_like(scores)
+    return loss, ce, kd, [dnodes[i].to(grad_dtype(z[i].dtype)) for i in range(M)], ds.to(grad_dtype(scores.dtype))

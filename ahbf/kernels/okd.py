@@ -12,10 +12,10 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 
 The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
 returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
-the score matrix, kept in the math dtype (fp32 for fp16 / bf16 inputs). Backward scales them by
-``grad_output`` in that dtype and only then casts to the input dtype (``torch._foreach_mul``, then one
-``torch._foreach_copy_`` for low-precision inputs): an fp16 gradient rounded before AMP's loss scale
-(65536) is applied would flush small values to zero, and the scale itself is inf in fp16. The op is
+the score matrix, kept in ``reference.grad_dtype`` (fp32, fp64 for fp64 inputs). Backward scales them by
+``grad_output`` in that dtype and only then rounds to the input dtype (``torch._foreach_mul``, plus one
+``torch._foreach_copy_`` for bf16 / fp16): an fp16 gradient rounded before AMP's loss scale (65536) is
+applied would flush small values to zero, and the scale itself is inf in fp16. The op is
 opaque to ``torch.compile``, so a compiled training step calls the kernel as is (``register_fake``
 gives shapes).
 
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .analytic import TRITON_MAX_BRANCHES, GraphTensors, encode_graph, okd_analytic, score_matrix
 from .graph import DistillGraph, Ensemble, KLEdge
-from .reference import check_inputs, compute_dtype, okd_objective_reference
+from .reference import check_inputs, compute_dtype, grad_dtype, okd_objective_reference
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -135,7 +135,7 @@ def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad)
     out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
     if not need_grad:
         return out
-    return out + [torch.empty_like(t, dtype=dt) for t in (*z, scores)]
+    return out + [torch.empty_like(t, dtype=grad_dtype(t.dtype)) for t in (*z, scores)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,7 +156,7 @@ def _backward(ctx, grads):
         raise RuntimeError("ahbf::okd_fused ran with need_grad=False; call it with need_grad=True to backprop")
     g = grads[0]
     *saved, terms = ctx.saved_tensors                   # the gradients, in the math dtype (fp32 / fp64)
-    scaled = list(torch._foreach_mul(saved, g.to(saved[0].dtype)))  # scale first, in the math dtype ...
+    scaled = list(torch._foreach_mul(saved, g))       # scale first, in fp32 / fp64 (g's dtype too) ...
     low = [i for i, dt in enumerate(ctx.dtypes) if dt != scaled[i].dtype]
     if low:                                             # ... then cast, once, to the input dtypes
         cast = [torch.empty_like(scaled[i], dtype=ctx.dtypes[i]) for i in low]

@@ -59,6 +59,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fused op keeps a gradient in until backward has scaled it by ``grad_output``: the math
+    dtype. For fp16 that is essential (rounded to fp16 before AMP's loss scale, gradients below 6e-8 flush
+    to zero); for bf16 it keeps the scaling an fp32 x fp32 multiply, rounded once, on every device."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def all_node_logits(z: Sequence[Tensor], s: Sequence[Tensor], graph: DistillGraph) -> list[Tensor]:
     """Every node of the graph: the branch logits followed by the ensemble (TA) logits."""
     dt = compute_dtype(z[0])

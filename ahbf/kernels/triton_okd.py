@@ -26,8 +26,9 @@ chunks again and writes the gradient of every branch logit and every score colum
 When the row fits in one chunk (``K <= BK``) the tile is loaded once and reused by both passes.
 Per row only 2 floats (CE and KD partials) are written besides the gradients; the last program to
 finish (an atomic counter) sums them in row order and writes the loss, CE and KD: no host-side reduction.
-Gradients are stored in fp32 whatever the input dtype; ``okd.py``'s backward scales them by
-``grad_output`` and then casts (an fp16 store before the loss scale would flush small gradients to zero).
+Gradients are stored in ``reference.grad_dtype`` (fp32 for every input dtype the kernel takes);
+``okd.py``'s backward scales them by ``grad_output`` and then casts (an fp16 store before the loss scale
+would flush small gradients to zero).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .analytic import TRITON_MAX_BRANCHES, GraphTensors
+from .reference import grad_dtype
 
 MAX_BRANCHES = TRITON_MAX_BRANCHES  # pointer slots z0..z7 / dz0..dz7 below
 
@@ -341,7 +343,7 @@ def launch_config(num_nodes: int, K: int, B: int, interpret: bool = False, *, ti
 def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, enc: GraphTensors,
                      T: float, need_grad: bool = True, block_k: int | None = None, rows: int | None = None,
                      num_warps: int | None = None):
-    """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``; gradients in fp32.
+    """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``; gradients in ``grad_dtype``.
 
     ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16); ``scores``: contiguous
     ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on the same device.
@@ -361,9 +363,9 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     part = torch.empty((B, 2), **f32)                     # per-row [ce, kd] partials
     loss_count = torch.zeros(2, **f32)                    # [loss, finished programs]: the one memset
     terms = torch.empty(2, **f32)                         # [ce, kd]
-    if need_grad:  # gradients in fp32: backward scales them by grad_output before casting (okd.py)
-        dz = [torch.empty_like(zi, dtype=torch.float32) for zi in z]
-        ds = torch.empty_like(scores, dtype=torch.float32)
+    if need_grad:  # in fp32, so that backward scales them by grad_output before rounding (okd.py)
+        dz = [torch.empty_like(zi, dtype=grad_dtype(zi.dtype)) for zi in z]
+        ds = torch.empty_like(scores, dtype=grad_dtype(scores.dtype))
     else:
         dz, ds = [], None
     zp = list(z) + [z[0]] * (MAX_BRANCHES - M)
