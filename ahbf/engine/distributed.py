@@ -51,7 +51,13 @@ def setup(device_name: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", timeout=timeout)
+        # torchrun's static rendezvous keeps one TCPStore across restarts: the dead attempt's keys (e.g. Gloo's
+        # rank addresses) are still there, and a restarted rank can read them and fail ("connectFullMesh failed
+        # ... Connection refused") or hang. Each attempt gets its own key prefix.
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        store = dist.PrefixStore(f"ahbf/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
         _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return DistEnv(rank, local, world, device)
 

@@ -147,6 +147,7 @@ class Trainer:
         return lock
 
     def close(self) -> None:
+        self.data.close()  # worker processes end with the run, not at interpreter exit
         if self.signals is not None:
             self.signals.restore()
         if self.lock is not None:

@@ -131,6 +131,10 @@ class TorchFolderLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.num_samples = len(self.sampler)
 
+    def close(self) -> None:
+        """Stop the persistent workers (dropping the DataLoader shuts its iterator down); the loader is unusable after."""
+        self.loader = None
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
 
