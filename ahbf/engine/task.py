@@ -54,12 +54,6 @@ def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillG
     return build_graph(method, num_branches, **kw)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / torch.compile wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, torch._dynamo.eval_frame.OptimizedModule)):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
 
 def objective_fn(backend: str) -> Callable:
     """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound."""
@@ -94,7 +88,8 @@ class OKDTask:
 
     def after_step(self) -> None:
         """Called by the trainer after each optimiser step: PCL's temporal-mean (EMA) update."""
-        update = getattr(unwrap(self.model), "update_ema", None)
+        # the evaluation forward is the model itself, or a torch.compile wrapper that forwards attributes to it
+        update = getattr(self.eval_model, "update_ema", None)
         if update is not None:
             update(self.cfg.ema_decay)
 
