@@ -119,6 +119,11 @@ class MultiBranchNet(nn.Module):
         self.head = EnsembleHead(feat, num_branches, num_classes) if method == "pcl" else None
         init_weights(self)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What ``train.compile=branches`` compiles, each as its own graph: trunk, branches, fusion modules."""
+        extra = list(self.fusions or []) + [m for m in (self.gate, self.attention, self.head) if m is not None]
+        return [self.trunk, *self.branches, *extra]
+
     def forward(self, x: Tensor) -> BranchOutput:
         h = self.trunk(x)
         if self.method == "cl_ilr":
@@ -149,6 +154,9 @@ class PeerNet(nn.Module):
     def __init__(self, make_peer, num_branches: int):
         super().__init__()
         self.peers = nn.ModuleList(make_peer() for _ in range(num_branches))
+
+    def compile_units(self) -> list[nn.Module]:
+        return [unit for p in self.peers for unit in p.compile_units()]
 
     def forward(self, x: Tensor) -> BranchOutput:
         return BranchOutput([p(x).logits[0] for p in self.peers], [])

@@ -1,0 +1,116 @@
+"""train.compile (off | model | branches), train.threads and the linear lr scaling rule."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from ahbf.engine import trainer as trainer_module
+from ahbf.engine.cli import parse_train_args
+from ahbf.engine.compile import compile_model, compile_units
+from ahbf.engine.config import ConfigError, RunConfig, build_config
+from ahbf.engine.distributed import DistEnv, default_threads
+from ahbf.engine.optim import build_optimizer
+from ahbf.engine.precision import AmpStepper
+from ahbf.engine.schedules import scaled_lr
+from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+from ahbf.engine.trainer import Trainer, resolve, wrap_model
+from ahbf.models import create_model
+
+CPU = DistEnv(0, 0, 1, torch.device("cpu"))
+
+
+def train_losses(compile: str, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A few fp32 SGD steps of a tiny 2-branch AHBF net, built through the Trainer's wrap_model."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", "ahbf", 10, 2)
+    cfg = RunConfig()
+    cfg.optim.lr = 0.02  # small steps: fp32 rounding differences stay small instead of growing chaotically
+    objective = resolve_objective(cfg.objective, "ahbf")
+    amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), CPU.device, "fp32")
+    train_fwd, _ = wrap_model(model, CPU, compile)
+    task = OKDTask(train_fwd, make_graph("ahbf", 2, objective), objective, amp.autocast)
+    task.set_epoch(10)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    losses = []
+    for _ in range(steps):
+        terms = task(x, y)
+        losses.append(terms["loss"].item())
+        amp.step(terms["loss"])
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["model", "branches"])
+def test_compiled_training_matches_eager(mode):
+    torch.compiler.reset()
+    eager_losses, eager_state = train_losses("off")
+    losses, state = train_losses(mode)
+    # inductor's CPU BatchNorm backward is less exact than eager's: trunk gradients 1-2e-3 off float64 at
+    # 16 px (eager fp32: 1e-6; measured), so a few steps agree to 1e-3 in the loss, not to fp32 rounding
+    assert losses == pytest.approx(eager_losses, rel=1e-3)
+    assert losses[-1] < losses[0]  # the steps did train
+    for k, v in eager_state.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-2, atol=1e-2, msg=k)
+
+
+def test_branches_compiles_each_unit_in_place():
+    model = create_model("resnet8", "ahbf", 10, 3)
+    units = compile_units(model)
+    assert units == [model.trunk, *model.branches, *model.fusions]
+    keys = list(model.state_dict())
+    assert compile_model(model, "branches") is model  # the parent's forward stays eager
+    assert list(model.state_dict()) == keys  # checkpoints are unchanged
+    dml = create_model("resnet8", "dml", 10, 2)
+    assert len(compile_units(dml)) == 4  # trunk + branch of each peer
+
+
+def test_branches_without_compile_units_falls_back_to_model():
+    notes = []
+    plain = nn.Sequential(nn.Linear(4, 4))
+    out = compile_model(plain, "branches", note=notes.append)
+    assert out is not plain and isinstance(out, torch._dynamo.eval_frame.OptimizedModule)
+    assert "compiling the whole model" in notes[0]
+
+
+@pytest.mark.parametrize("text, expected", [("true", "model"), ("false", "off"), ("branches", "branches")])
+def test_old_boolean_compile_still_reads(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  compile: {text}\n")
+    assert build_config([str(path)]).train.compile == expected
+    assert parse_train_args(["--compile"]).train.compile == "model"
+    assert parse_train_args(["--no-compile"]).train.compile == "off"
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        build_config(overrides=[("train.compile_mode", "fast")])
+
+
+def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
+    """img/s leaves out the first (compiling) step, whose seconds are reported as compile_s."""
+    monkeypatch.setattr(trainer_module, "compile_model", lambda model, *args: model)  # no real compile: fast
+    cfg = build_config(overrides=[("data.dataset", "synthetic"), ("data.synthetic_samples", 40),
+                                  ("data.image_size", 8), ("data.batch_size", 9), ("data.val_fraction", 0),
+                                  ("model.arch", "resnet8"), ("model.num_branches", 2), ("train.epochs", 2),
+                                  ("train.precision", "fp32"), ("train.compile", "model"), ("train.output", str(tmp_path)),
+                                  ("train.progress", False), ("train.tensorboard", False), ("optim.lr_base_batch", 18),
+                                  ("train.threads", 1)])
+    trainer = Trainer(cfg, CPU)
+    assert trainer.peak_lr == pytest.approx(0.1 * 9 / 18)
+    trainer.fit()
+    first, second = trainer.history
+    assert first["compile_s"] > 0 and "compile_s" not in second
+    assert first["img_per_s"] == pytest.approx(31 / first["epoch_s"])  # 40 images, the first batch of 9 untimed
+    assert second["img_per_s"] == pytest.approx(40 / second["epoch_s"])
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["threads"] == torch.get_num_threads() == 1
+
+
+def test_threads_and_lr_scaling(monkeypatch):
+    assert resolve(RunConfig(), CPU.device).train.threads == default_threads() >= 1  # auto, written to config.yaml
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert default_threads() == 1
+    assert scaled_lr(0.1, 256, 1024) == pytest.approx(0.4)
+    assert scaled_lr(0.1, 0, 1024) == 0.1
+    with pytest.raises(ConfigError, match="train.threads must be >= 0"):
+        build_config(overrides=[("train.threads", -1)])
