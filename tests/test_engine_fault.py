@@ -151,6 +151,47 @@ def test_a_live_run_holds_the_folder(tmp_path, capsys):
     assert not (tmp_path / "last.pt.tmp4242").exists()
 
 
+def test_dataloader_workers_die_with_a_killed_trainer(tmp_path):
+    """kill -9 of the trainer on the torchvision folder path: its fork server and workers end too."""
+    from test_pipelines_folder import write_tree
+
+    write_tree(str(tmp_path / "images"), per_class=(6, 2))
+    proc, lines = start(*TINY, "--dataset", "imagenet", "--data-dir", str(tmp_path / "images"), "data.backend=torch",
+                        "-j", "2", "--image-size", "32", "-b", "4", "--epochs", "20", "-o", str(tmp_path / "run")), []
+    wait_for_step(proc, 2, lines)
+    family = _descendants(proc.pid)
+    assert len(family) >= 3, family  # the fork server and two workers at least
+    proc.kill()
+    proc.wait(timeout=60)
+    proc.stdout.close()  # the children hold the pipe's write end: do not wait for its end
+    deadline = time.time() + 15
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in family):
+        time.sleep(0.2)
+    alive = [p for p in family if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+    for p in alive:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"{len(alive)} of {len(family)} child processes outlived the trainer"
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [int(c) for t in os.listdir(f"/proc/{p}/task") if os.path.exists(f"/proc/{p}/task/{t}/children")
+                for c in open(f"/proc/{p}/task/{t}/children").read().split()] if os.path.exists(f"/proc/{p}") else []
+        found += kids
+        todo += kids
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path):
     """torchrun --max-restarts 1, rank 1 SIGKILLed after a mid-epoch checkpoint: the group restarts, resumes
     (no --resume flag) and ends with the weights of an uninterrupted 2-process run."""
@@ -160,7 +201,7 @@ def test_torchrun_restart_after_a_killed_worker_resumes(tmp_path):
 
     def torchrun(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "ahbf.engine.cli",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ahbf.engine.cli",
                *TINY, "--checkpoint-every", "2", "-o", str(out), *extra]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
