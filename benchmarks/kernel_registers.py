@@ -48,7 +48,7 @@ def _signature(dtype: str) -> dict[str, str]:
             sig[name] = f"*{dtype}"
         elif name == "labels_ptr":
             sig[name] = "*i64"
-        elif name in ("ens_in_ptr", "ens_col_ptr", "ens_w_ptr"):
+        elif name == "gi_ptr":
             sig[name] = "*i32"
         elif name.endswith("_ptr") or re.fullmatch(r"dz\d", name):
             sig[name] = "*fp32"
@@ -67,7 +67,8 @@ def sm90_resources(method: str, M: int, dtype: str, K: int, tile: int | None, nu
     S = enc.score_cols
     const = dict(M=M, N=enc.num_nodes, NP=cfg.np, WMAX=enc.max_width, WP=triton_okd._next_pow2(enc.max_width),
                  SP=triton_okd._next_pow2(max(S, 1)), BK=cfg.block_k, TEACHER=enc.teacher_mode,
-                 ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=True, ROWS=cfg.rows, RB=triton_okd.REDUCE_BLOCK)
+                 ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=True, ROWS=cfg.rows, RB=triton_okd.REDUCE_BLOCK,
+                 ACC=triton.language.float32, F64=False)
     names = triton_okd._okd_fused_kernel.arg_names
     t0 = time.perf_counter()
     src = ASTSource(triton_okd._okd_fused_kernel, _signature(TRITON_DTYPES[dtype]),

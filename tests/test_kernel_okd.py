@@ -294,7 +294,7 @@ def test_fp16_loss_scale_gives_finite_gradients_equal_to_eager(backend):
     assert (fused[0][tiny] != 0).float().mean() > 0.99  # not flushed to zero before the scale
 
 
-@pytest.mark.parametrize("backend", ["compiled", "analytic"])
+@pytest.mark.parametrize("backend", ["triton", "compiled", "analytic"])
 def test_float64_python_kd_scale_is_exact(backend):
     """A Python-float kd_scale takes the logits' math dtype: float64 runs equal eager to 1e-12."""
     from ahbf.kernels import okd
@@ -344,3 +344,22 @@ def test_launch_config_defaults_and_errors():
     assert triton_okd.launch_config(7, 1000, 256, tile=2048).block_k == 256
     with pytest.raises(ValueError, match="block_k"):
         triton_okd.launch_config(7, 1000, 256, block_k=100)
+
+
+@pytest.mark.parametrize("graph", [ahbf_graph(5, 1.5, 0.5), ahbf_graph(3, detach_teacher=True), one_graph(4),
+                                   dml_graph(4, detach_teacher=False), MIXED, baseline_graph()],
+                         ids=["ahbf5", "ahbf3-detach", "one4", "dml4-nodetach", "mixed", "baseline"])
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "chunked"])
+def test_triton_float64_equals_eager_to_1e12(graph, block_k, monkeypatch):
+    """The kernel's algebra in float64 (math in fp64, T = 0.7 and a DML weight of 1/3 not fp32 numbers):
+    the same kernel code as fp32, checked to 1e-12 instead of fp32 rounding, both passes chunked or not."""
+    if block_k:
+        monkeypatch.setattr(triton_okd, "TILE_ELEMENTS_INTERPRET", block_k * triton_okd._next_pow2(graph.num_nodes))
+    z, s, y = make_inputs(graph, 3, 37, torch.float64)
+    ref_loss, ref_terms, ref_grads = reference64(z, s, y, graph, 0.7, 0.3, -1.3)
+    loss, terms, grads = run_fused(z, s, y, graph, 0.7, 0.3, -1.3, "triton")
+    assert loss.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
+    assert_close(loss, ref_loss, rtol=1e-12, atol=0, name="loss")
+    assert_close(terms["kd"], ref_terms["kd"], rtol=1e-12, atol=1e-15, name="kd")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, b, rtol=1e-10, atol=1e-13 * b.abs().max().item(), name=f"grad {i}")

@@ -4,7 +4,7 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 ``backend``:
 
 - ``"triton"``: the fused Triton kernel (``triton_okd.py``); CUDA, or CPU tensors under
-  ``TRITON_INTERPRET=1`` (tests).
+  ``TRITON_INTERPRET=1`` (tests); fp32 / bf16 / fp16 logits with fp32 math, fp64 with fp64 math.
 - ``"compiled"``: ``torch.compile`` of the analytic forward+gradient formulation (``analytic.py``),
   specialised per graph; the CPU default.
 - ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
@@ -42,7 +42,7 @@ from .reference import check_inputs, compute_dtype, grad_dtype, okd_objective_re
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what auto sends to triton (fp64: on request)
 
 
 # ---- the graph as op arguments (ints and floats), decoded once per graph
@@ -218,8 +218,8 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
-        if z[0].dtype not in _TRITON_DTYPES:
-            raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16, got {z[0].dtype}")
+        if z[0].dtype not in (*_TRITON_DTYPES, torch.float64):
+            raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16/fp64, got {z[0].dtype}")
     z = [zi.contiguous() for zi in z]  # a copy only where a branch is not contiguous
     if labels.device != z[0].device:
         raise ValueError(f"labels: on {labels.device}, the logits on {z[0].device}")

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .analytic import TRITON_MAX_BRANCHES, GraphTensors
-from .reference import grad_dtype
+from .analytic import TRITON_MAX_BRANCHES, GraphTensors, mixing_matrices
+from .reference import compute_dtype, grad_dtype
 
 MAX_BRANCHES = TRITON_MAX_BRANCHES  # pointer slots z0..z7 / dz0..dz7 below
 
@@ -75,31 +75,32 @@ def _row(X, rows, n):
 
 
 @triton.jit
-def _gates(s_row, col, width, jw):
+def _gates(s_row, col, width, jw, ACC: tl.constexpr):
     """softmax over the score columns col .. col + width - 1 of this row, as a [WP] vector."""
-    v = tl.load(s_row + col + jw, mask=jw < width, other=float("-inf")).to(tl.float32)
+    v = tl.load(s_row + col + jw, mask=jw < width, other=float("-inf")).to(ACC)
     e = tl.exp(v - tl.max(v, axis=0))  # masked columns: exp(-inf) = 0
     return e / tl.sum(e, axis=0)
 
 
 @triton.jit
 def _nodes(z0, z1, z2, z3, z4, z5, z6, z7, offs, mask, s_row, ens_in_ptr, ens_col_ptr, ens_w_ptr, n_ens,
-           M: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr, BK: tl.constexpr):
+           M: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr, BK: tl.constexpr,
+           ACC: tl.constexpr):
     """[NP, BK] tile of node logits for one chunk: branch rows 0..M-1, then ensemble rows M..M+E-1.
 
     Masked (k >= K) lanes hold 0; so do padding rows.
     """
     rows = tl.arange(0, NP)
     jw = tl.arange(0, WP)
-    X = tl.zeros([NP, BK], dtype=tl.float32)
+    X = tl.zeros([NP, BK], dtype=ACC)
     for i in tl.static_range(M):
-        zi = tl.load(_pick(i, z0, z1, z2, z3, z4, z5, z6, z7) + offs, mask=mask, other=0.0).to(tl.float32)
+        zi = tl.load(_pick(i, z0, z1, z2, z3, z4, z5, z6, z7) + offs, mask=mask, other=0.0).to(ACC)
         X = tl.where(rows[:, None] == i, zi[None, :], X)
     for k in range(n_ens):
         col = tl.load(ens_col_ptr + k)
         width = tl.load(ens_w_ptr + k)
-        g = _gates(s_row, col, width, jw)
-        acc = tl.zeros([BK], dtype=tl.float32)
+        g = _gates(s_row, col, width, jw, ACC)
+        acc = tl.zeros([BK], dtype=ACC)
         for j in range(width):
             src = tl.load(ens_in_ptr + k * WMAX + j)
             acc += tl.sum(tl.where(jw == j, g, 0.0), axis=0) * _row(X, rows, src)
@@ -153,7 +154,7 @@ def _stats_chunk(X, mask, offs, y, inv_T, mT, lT, m1, l1, pick, acc_w, acc_t, mi
 def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr, ens_col_ptr,
                 ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, out_offs,
                 M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
-                SP: tl.constexpr, TEACHER: tl.constexpr):
+                SP: tl.constexpr, TEACHER: tl.constexpr, ACC: tl.constexpr):
     """Pass 2 on one chunk: dL/dnode, then back through the ensembles; stores dL/dz, returns dL/dg."""
     rows = tl.arange(0, NP)
     jw = tl.arange(0, WP)
@@ -170,7 +171,7 @@ def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row,
         k = n_ens - 1 - kk
         col = tl.load(ens_col_ptr + k)
         width = tl.load(ens_w_ptr + k)
-        g = _gates(s_row, col, width, jw)
+        g = _gates(s_row, col, width, jw, ACC)
         a = _row(D, rows, M + k)
         for j in range(width):
             src = tl.load(ens_in_ptr + k * WMAX + j)
@@ -184,50 +185,13 @@ def _grad_chunk(X, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row,
 
 
 @triton.jit
-def _okd_fused_kernel(
-    z0, z1, z2, z3, z4, z5, z6, z7,            # branch logits, B x K contiguous (unused slots repeat z0)
-    dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
-    s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr, out_ptr, terms_ptr,
-    ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
-    B, K, S, n_ens, T, inv_T, inv_B,
-    M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
-    SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr,
-):
-    for r in range(ROWS):
-        row = tl.program_id(0).to(tl.int64) * ROWS + r
-        if row < B:
-            _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, row,
-                     s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
-                     ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
-                     K, S, n_ens, T, inv_T, inv_B, M, N, NP, WMAX, WP, SP, BK, TEACHER, ONE_CHUNK, NEED_GRAD)
-    # The last program to finish sums the row partials in a fixed order (deterministic, no host-side
-    # reduction): out = [loss, finished-program count] (zeroed by the launcher), terms = [ce, kd].
-    tl.debug_barrier()                                   # every thread's partial stores precede the release
-    done = tl.atomic_add(out_ptr + 1, 1.0, sem="acq_rel")
-    if done == tl.num_programs(0) - 1:
-        ce_acc = tl.zeros([RB], tl.float32)
-        kd_acc = tl.zeros([RB], tl.float32)
-        rb = tl.arange(0, RB)
-        for r0 in range(0, B, RB):
-            ok = r0 + rb < B
-            ce_acc += tl.load(part_ptr + (r0 + rb) * 2, mask=ok, other=0.0, volatile=True)
-            kd_acc += tl.load(part_ptr + (r0 + rb) * 2 + 1, mask=ok, other=0.0, volatile=True)
-        ce = tl.sum(ce_acc, axis=0) * inv_B
-        kd = tl.sum(kd_acc, axis=0) * inv_B
-        tl.store(out_ptr, ce + tl.load(kd_scale_ptr).to(tl.float32) * kd)
-        tl.store(terms_ptr, ce)
-        tl.store(terms_ptr + 1, kd)
-
-
-@triton.jit
 def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, row,
              s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
              ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
              K, S, n_ens, T, inv_T, inv_B,
              M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
              SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
-             NEED_GRAD: tl.constexpr):
+             NEED_GRAD: tl.constexpr, ACC: tl.constexpr):
     """One row: pass 1 (statistics, the row's CE and KD partials) and, with NEED_GRAD, pass 2 (gradients)."""
     rows = tl.arange(0, NP)
     node_ok = rows < N
@@ -237,17 +201,17 @@ def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, 
     ar = tl.arange(0, BK)
 
     # ---- pass 1: statistics
-    mT = tl.full([NP], float("-inf"), tl.float32)
-    m1 = tl.full([NP], float("-inf"), tl.float32)
-    lT = tl.zeros([NP], tl.float32)
-    l1 = tl.zeros([NP], tl.float32)
-    pick = tl.zeros([NP], tl.float32)
-    acc_w = tl.zeros([NP], tl.float32)
-    acc_t = tl.zeros([NP], tl.float32)
+    mT = tl.full([NP], float("-inf"), ACC)
+    m1 = tl.full([NP], float("-inf"), ACC)
+    lT = tl.zeros([NP], ACC)
+    l1 = tl.zeros([NP], ACC)
+    pick = tl.zeros([NP], ACC)
+    acc_w = tl.zeros([NP], ACC)
+    acc_t = tl.zeros([NP], ACC)
     if ONE_CHUNK:
         mask = ar < K
         X = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + ar, mask, s_row, ens_in_ptr, ens_col_ptr, ens_w_ptr,
-                   n_ens, M, NP, WMAX, WP, BK)
+                   n_ens, M, NP, WMAX, WP, BK, ACC)
         mT, lT, m1, l1, pick, acc_w, acc_t = _stats_chunk(X, mask, ar, y, inv_T, mT, lT, m1, l1, pick, acc_w,
                                                           acc_t, mixw_ptr, mixt_ptr, N, NP, TEACHER)
     else:
@@ -255,7 +219,7 @@ def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, 
             offs = c0 + ar
             mask = offs < K
             Xc = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + offs, mask, s_row, ens_in_ptr, ens_col_ptr,
-                        ens_w_ptr, n_ens, M, NP, WMAX, WP, BK)
+                        ens_w_ptr, n_ens, M, NP, WMAX, WP, BK, ACC)
             mT, lT, m1, l1, pick, acc_w, acc_t = _stats_chunk(Xc, mask, offs, y, inv_T, mT, lT, m1, l1, pick,
                                                               acc_w, acc_t, mixw_ptr, mixt_ptr, N, NP, TEACHER)
     lT = tl.where(node_ok, lT, 1.0)
@@ -272,35 +236,88 @@ def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, 
 
     # ---- pass 2: gradients
     if NEED_GRAD:
-        coef = tl.load(kd_scale_ptr).to(tl.float32) * T * inv_B
+        coef = tl.load(kd_scale_ptr).to(ACC) * T * inv_B
         e_t = e_w
         if TEACHER == 2:
             e_t = tl.where(node_ok, acc_t / lT, 0.0)
-        dg = tl.zeros([SP], tl.float32)
+        dg = tl.zeros([SP], ACC)
         if ONE_CHUNK:
             dg = _grad_chunk(X, mask, ar, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr,
                              ens_col_ptr, ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B,
-                             dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, base + ar, M, N, NP, WMAX, WP, SP, TEACHER)
+                             dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, base + ar, M, N, NP, WMAX, WP, SP, TEACHER,
+                             ACC)
         else:
             for c0 in range(0, K, BK):
                 offs = c0 + ar
                 mask = offs < K
                 Xc = _nodes(z0, z1, z2, z3, z4, z5, z6, z7, base + offs, mask, s_row, ens_in_ptr, ens_col_ptr,
-                            ens_w_ptr, n_ens, M, NP, WMAX, WP, BK)
+                            ens_w_ptr, n_ens, M, NP, WMAX, WP, BK, ACC)
                 dg = _grad_chunk(Xc, mask, offs, y, inv_T, lseT, lse1, e_t, ce_w, coef, dg, s_row, ens_in_ptr,
                                  ens_col_ptr, ens_w_ptr, n_ens, mixt_ptr, mixs_ptr, inv_B,
                                  dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, base + offs, M, N, NP, WMAX, WP, SP,
-                                 TEACHER)
+                                 TEACHER, ACC)
         # softmax backward of every fusion's scores
         jw = tl.arange(0, WP)
         cols = tl.arange(0, SP)
         for k in range(n_ens):
             col = tl.load(ens_col_ptr + k)
             width = tl.load(ens_w_ptr + k)
-            g = _gates(s_row, col, width, jw)
+            g = _gates(s_row, col, width, jw, ACC)
             dgk = tl.sum(tl.where(cols[None, :] == col + jw[:, None], dg[None, :], 0.0), axis=1)
             dsk = g * (dgk - tl.sum(g * dgk, axis=0))
             tl.store(ds_ptr + row * S + col + jw, dsk.to(ds_ptr.dtype.element_ty), mask=jw < width)
+
+
+@triton.jit
+def _okd_fused_kernel(
+    z0, z1, z2, z3, z4, z5, z6, z7,            # branch logits, B x K contiguous (unused slots repeat z0)
+    dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
+    s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr, out_ptr, terms_ptr,
+    gi_ptr, gf_ptr,                            # the graph as an int32 and an ACC table (graph_tables)
+    B, K, S, n_ens, inv_B,
+    M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
+    SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+):
+    # ints = [ens_inputs (EA x WMAX), ens_col (EA), ens_width (EA)] with EA = max(E, 1);
+    # floats = [T, 1/T, ce_count (N), A_w, A_t, A_s (N x N each)]
+    ea = tl.maximum(n_ens, 1)
+    ens_in_ptr = gi_ptr
+    ens_col_ptr = gi_ptr + ea * WMAX
+    ens_w_ptr = ens_col_ptr + ea
+    T = tl.load(gf_ptr)
+    inv_T = tl.load(gf_ptr + 1)
+    ce_ptr = gf_ptr + 2
+    mixw_ptr = ce_ptr + N
+    mixt_ptr = mixw_ptr + N * N
+    mixs_ptr = mixt_ptr + N * N
+    inv_b = inv_B                                        # 1/B rounded to fp32 on the host
+    if F64:
+        inv_b = 1.0 / B.to(tl.float64)                   # fp64 division is correctly rounded
+    for r in range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + r
+        if row < B:
+            _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7, row,
+                     s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr,
+                     ens_in_ptr, ens_col_ptr, ens_w_ptr, ce_ptr, mixw_ptr, mixt_ptr, mixs_ptr,
+                     K, S, n_ens, T, inv_T, inv_b, M, N, NP, WMAX, WP, SP, BK, TEACHER, ONE_CHUNK, NEED_GRAD, ACC)
+    # The last program to finish sums the row partials in a fixed order (deterministic, no host-side
+    # reduction): out = [loss, finished-program count] (zeroed by the launcher), terms = [ce, kd].
+    tl.debug_barrier()                                   # every thread's partial stores precede the release
+    done = tl.atomic_add(out_ptr + 1, 1.0, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        ce_acc = tl.zeros([RB], ACC)
+        kd_acc = tl.zeros([RB], ACC)
+        rb = tl.arange(0, RB)
+        for r0 in range(0, B, RB):
+            ok = r0 + rb < B
+            ce_acc += tl.load(part_ptr + (r0 + rb) * 2, mask=ok, other=0.0, volatile=True)
+            kd_acc += tl.load(part_ptr + (r0 + rb) * 2 + 1, mask=ok, other=0.0, volatile=True)
+        ce = tl.sum(ce_acc, axis=0) * inv_b
+        kd = tl.sum(kd_acc, axis=0) * inv_b
+        tl.store(out_ptr, ce + tl.load(kd_scale_ptr).to(ACC) * kd)
+        tl.store(terms_ptr, ce)
+        tl.store(terms_ptr + 1, kd)
 
 
 def _next_pow2(n: int) -> int:
@@ -345,8 +362,9 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
                      num_warps: int | None = None):
     """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``; gradients in ``grad_dtype``.
 
-    ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16); ``scores``: contiguous
-    ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on the same device.
+    ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16, or fp64: then the math is fp64 too);
+    ``scores``: contiguous ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on
+    the same device.
     ``block_k``, ``rows``, ``num_warps`` override parts of the tile (:func:`launch_config`).
     """
     dev = z[0].device
@@ -359,11 +377,13 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     B, K = z[0].shape
     S = scores.shape[1]
     cfg = launch_config(N, K, B, dev.type == "cpu", block_k=block_k, rows=rows, num_warps=num_warps)
-    f32 = dict(dtype=torch.float32, device=dev)
-    part = torch.empty((B, 2), **f32)                     # per-row [ce, kd] partials
-    loss_count = torch.zeros(2, **f32)                    # [loss, finished programs]: the one memset
-    terms = torch.empty(2, **f32)                         # [ce, kd]
-    if need_grad:  # in fp32, so that backward scales them by grad_output before rounding (okd.py)
+    acc = compute_dtype(z[0])
+    gi, gf = graph_tables(enc, float(T), acc)
+    fa = dict(dtype=acc, device=dev)
+    part = torch.empty((B, 2), **fa)                      # per-row [ce, kd] partials
+    loss_count = torch.zeros(2, **fa)                     # [loss, finished programs]: the one memset
+    terms = torch.empty(2, **fa)                          # [ce, kd]
+    if need_grad:  # in fp32 / fp64, so that backward scales them by grad_output before rounding (okd.py)
         dz = [torch.empty_like(zi, dtype=grad_dtype(zi.dtype)) for zi in z]
         ds = torch.empty_like(scores, dtype=grad_dtype(scores.dtype))
     else:
@@ -375,12 +395,31 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     with _device_guard(dev):  # launch on z's GPU, not the current one
         _okd_fused_kernel[(triton.cdiv(B, cfg.rows),)](
             *zp, *dzp, s_arg, ds_arg, labels, kd_scale, part, loss_count, terms,
-            enc.ens_inputs, enc.ens_col, enc.ens_width, enc.ce_count, enc.mix_w, enc.mix_t, enc.mix_s,
-            B, K, S, enc.num_ensembles, float(T), 1.0 / float(T), 1.0 / B,
+            gi, gf, B, K, S, enc.num_ensembles, 1.0 / B,
             M=M, N=N, NP=cfg.np, WMAX=enc.max_width, WP=_next_pow2(enc.max_width), SP=_next_pow2(max(S, 1)),
             BK=cfg.block_k, TEACHER=enc.teacher_mode, ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=need_grad,
-            ROWS=cfg.rows, RB=REDUCE_BLOCK, num_warps=cfg.num_warps)
+            ROWS=cfg.rows, RB=REDUCE_BLOCK, ACC=_TL_DTYPES[acc], F64=acc == torch.float64,
+            num_warps=cfg.num_warps)
     return loss_count[0], terms, dz, ds
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+_TABLES: dict[tuple[GraphTensors, float, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def graph_tables(enc: GraphTensors, T: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The graph as the kernel reads it: an int32 table ``[ens_inputs, ens_col, ens_width]`` and a ``dtype``
+    table ``[T, 1/T, ce_count, A_w, A_t, A_s]`` (rounded once from float64), on ``enc``'s device; cached per
+    (graph, T, dtype), so a step passes two pointers and builds nothing."""
+    key = (enc, T, dtype)
+    tables = _TABLES.get(key)
+    if tables is None:
+        gi = torch.cat([enc.ens_inputs.flatten(), enc.ens_col, enc.ens_width]).to(torch.int32)
+        a_w, a_t, a_s = mixing_matrices(enc.graph)
+        head = torch.tensor([T, 1.0 / T, *enc.ce_weights], dtype=torch.float64)
+        gf = torch.cat([head, a_w.flatten(), a_t.flatten(), a_s.flatten()]).to(enc.ens_col.device, dtype)
+        tables = _TABLES[key] = (gi, gf)
+    return tables
 
 
 def _device_guard(dev: torch.device):
