@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import re
@@ -142,7 +141,8 @@ def objective(ctx: dict) -> dict:
         runs = {"fp32": ["--methods", "ahbf", "--batches", "2", "--classes", "20", "--paths", "eager,triton",
                          "--warmup", "1", "--reps", "2", "--rounds", "1", "--hbm-floor", "--bandwidth-mib", "4"]}
     else:
-        runs = {"fp32": [], "bf16": ["--dtype", "bfloat16", "--methods", "ahbf"]}
+        runs = {"fp32": ["--batches", "256"],  # each case recompiles the compiled path: keep to 6 cases
+                "bf16": ["--dtype", "bfloat16", "--methods", "ahbf", "--batches", "256", "--classes", "1000"]}
     for name, extra in runs.items():
         path = os.path.join(ctx["scratch"], f"objective_{name}.json")
         out[name] = objective_table.main(["--device", ctx["device"], "--out", path, *extra])
@@ -212,27 +212,30 @@ def decode_jpeg_rate(folder: str, batch: int, size: int, device: str, repeats: i
             "images": len(files), "batch_size": batch, "crop": size}
 
 
+# bench_engine rows on a GPU: both models, the engine's best eager setting and its compile / CUDA-graph
+# variants (the paper-style loop is always measured too); ResNet-18 also end to end on the JPEG pipeline
+ENGINE_GPU = [
+    (("ahbf-r32-b64",), ("fp32", "bf16-cl-fused", "bf16-cl-fused-compile", "bf16-cl-fused-branches",
+                         "bf16-cl-fused-cudagraphs"), ("synthetic",)),
+    (("ahbf-r18",), ("bf16-cl-fused", "bf16-cl-fused-cudagraphs"), ("synthetic", "folder")),
+]
+# --smoke: the same calls at tiny sizes; settings without torch.compile (minutes on a 2-core CPU)
+ENGINE_SMOKE = [(("ahbf-r32-b64",), ("fp32", "bf16-cl"), ("synthetic",))]
+
+
 def engine(ctx: dict) -> dict:
-    """``bench_engine`` (the engine benchmark, its own script): imported lazily, or missing."""
-    path = os.path.join(HERE, "bench_engine.py")
-    if not os.path.exists(path):
+    """``bench_engine.run`` (the engine benchmark, its own script), imported lazily; ``missing`` if absent."""
+    if not os.path.exists(os.path.join(HERE, "bench_engine.py")):
         return {"status": "missing", "note": "benchmarks/bench_engine.py is not there yet; nothing measured"}
     import bench_engine
 
-    out_dir = os.path.join(ctx["scratch"], "engine")
-    os.makedirs(out_dir, exist_ok=True)
-    run = getattr(bench_engine, "run", None)
-    if run is not None:
-        wanted = {"device": ctx["device"], "smoke": ctx["smoke"], "out": out_dir, "gpu_suite": True,
-                  "log": ctx["log"]}
-        params = inspect.signature(run).parameters
-        rows = run(**{k: v for k, v in wanted.items() if k in params})
-        return {"status": "ran", "api": "bench_engine.run", "rows": rows}
-    cmd = [sys.executable, path, "--device", ctx["device"], "--out", out_dir] + (["--smoke"] if ctx["smoke"] else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=ctx["engine_timeout"])
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
-    return {"status": "ran", "api": " ".join(cmd), "stdout_tail": done.stdout[-4000:]}
+    rows = []
+    for models, settings, data in (ENGINE_SMOKE if ctx["smoke"] else ENGINE_GPU):
+        rows += bench_engine.run(models=models, settings=settings, data=data, device=ctx["device"],
+                                 smoke=ctx["smoke"], rounds=2 if ctx["smoke"] else 5, reps=2 if ctx["smoke"] else 5,
+                                 warmup=1 if ctx["smoke"] else 3, profile=not ctx["smoke"])
+    info = bench_engine.machine(torch.device(ctx["device"]), torch.get_num_threads())
+    return {"status": "ran", "rows": rows, "markdown": bench_engine.markdown(rows, info)}
 
 
 SECTIONS = {"correctness": correctness, "kernel_variants": kernel_variants, "objective": objective,
@@ -292,9 +295,9 @@ def markdown(result: dict) -> str:
             lines.append(f"- {r['pipeline']}: **{r['median_img_s']:.0f} img/s** (pipeline build "
                          f"{r.get('pipeline_build_s') or 0:.2f} s/epoch, not included)")
     eng = result["sections"].get("engine", {})
-    lines += ["", "## Engine", "", f"status: {eng.get('status')}"]
-    if eng.get("result"):
-        lines.append("```\n" + json.dumps(eng["result"], indent=1, default=str)[:6000] + "\n```")
+    lines += ["", "## Engine (bench_engine.py)", "", f"status: {eng.get('status')}"]
+    if (eng.get("result") or {}).get("markdown"):
+        lines += ["", eng["result"]["markdown"]]
     for name, sec in result["sections"].items():
         if sec.get("error"):
             lines += ["", f"### {name}: error", "```", sec["error"][-3000:], "```"]
@@ -308,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for <gpu>-<date>.json/.md (default: benchmarks/results; with --smoke a temporary "
                          "folder)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    ap.add_argument("--engine-timeout", type=int, default=300, help="seconds for bench_engine when run as a script")
     args = ap.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("gpu_suite: --smoke needs TRITON_INTERPRET=1 before triton is imported", file=sys.stderr)
@@ -328,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     result = {"env": env, "smoke": args.smoke, "sections": {}}
     with tempfile.TemporaryDirectory(prefix="ahbf_gpu_suite_scratch_") as scratch:
-        ctx = {"device": device, "smoke": args.smoke, "scratch": scratch, "engine_timeout": args.engine_timeout,
-               "log": lambda m: print(m, flush=True)}
+        ctx = {"device": device, "smoke": args.smoke, "scratch": scratch, "log": lambda m: print(m, flush=True)}
         for name in args.sections.split(","):
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()
@@ -345,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("  engine: MISSING (benchmarks/bench_engine.py not found)", flush=True)
             result["sections"][name] = sec
     result["seconds"] = time.perf_counter() - t_all
+    if not args.smoke and result["seconds"] > 600:
+        print(f"gpu_suite: took {result['seconds']:.0f} s, over the 10-minute budget: trim the slowest section "
+              f"({max(result['sections'], key=lambda n: result['sections'][n]['seconds'])})", flush=True)
     tag = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     stem = os.path.join(out_dir, f"{tag}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as f:
