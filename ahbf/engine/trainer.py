@@ -76,9 +76,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, recipe: str = ""):
         self.cfg, self.env, t = resolve(cfg, env.device), env, cfg.train
         self.recipe, self.auto_output = recipe, bool(t.name) or not t.output  # recipe: in force (cli); runs/latest
-        t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
         if restart_count() > 0 and not t.resume:
-            t.resume = "auto"  # a torchrun restart continues the first attempt's run
+            t.resume = "auto"  # a torchrun restart continues the first attempt's run (and finds its folder)
+        t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
         self.bars = use_bars(t.progress)
         set_threads(t.threads)  # before any work
         configure_determinism(t.deterministic)
