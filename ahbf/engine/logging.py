@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 def use_bars(progress: bool) -> bool:
     """tqdm bars only when asked for and both output streams are terminals."""
-    return progress and sys.stdout.isatty() and sys.stderr.isatty()
+    return progress and all(getattr(s, "isatty", lambda: False)() for s in (sys.stdout, sys.stderr))
 
 
 def format_eta(seconds: float) -> str:
