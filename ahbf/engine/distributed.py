@@ -97,23 +97,43 @@ def set_threads(threads: int) -> int:
     return n
 
 
-class CpuSyncBatchNorm(nn.SyncBatchNorm):
-    """SyncBatchNorm that also synchronises CPU tensors (Gloo): torch's refuses CPU input. Batch mean and
-    (biased) variance over all ranks in two all-reduce passes that autograd differentiates, so forward
-    and backward equal BatchNorm over the global batch; the running statistics are updated the same way."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum over ranks of the output gradients (every rank's output
+    depends on this rank's input)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm synchronised over Gloo for CPU tensors (torch's ``SyncBatchNorm`` and DDP refuse CPU): batch mean
+    and (biased) variance over all ranks in two all-reduce passes that autograd differentiates, so forward and
+    backward equal BatchNorm over the global batch; the running statistics are updated the same way. Any input
+    of 2 or more dimensions (BatchNorm1d and 2d alike); plain BatchNorm in eval mode or without a process group."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cuda" or not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([x.numel() // x.size(1)], dtype=torch.float32, device=x.device)
-        total = differentiable_all_reduce(torch.cat([xf.sum(dims), count]), group=self.process_group or dist.group.WORLD)
+        total = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
         n, mean = total[-1], total[:-1] / total[-1]
         centred = xf - mean.view(shape)
-        var = differentiable_all_reduce((centred * centred).sum(dims), group=self.process_group or dist.group.WORLD) / n
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -127,13 +147,14 @@ class CpuSyncBatchNorm(nn.SyncBatchNorm):
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Every BatchNorm of ``model`` -> ``CpuSyncBatchNorm`` (torch's ``SyncBatchNorm`` on CUDA tensors), in place;
+    """Every BatchNorm of ``model`` -> torch's ``SyncBatchNorm`` on CUDA, ``CpuSyncBatchNorm`` elsewhere, in place;
     same parameters, buffers and state-dict keys."""
     for name, child in model.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             device = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0)).device
-            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device=device)
+            cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
+            sync = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                       device=device)
             sync.load_state_dict(child.state_dict())
             setattr(model, name, sync.train(child.training))
         else:
