@@ -9,11 +9,12 @@ channels; then global pool and a linear classifier. The AHBF modules fuse the 12
 
 Reference quirk, followed by default: its forward runs branch 0's ``block4`` and ``block5`` for every
 branch, so those two stages are in effect shared (here: part of the trunk) and the deeper ``block4`` /
-``block5`` it builds for branches 1..M-1 are never used. They are kept, frozen (``requires_grad=False``,
-as they never get a gradient there either), as ``unused_block4`` / ``unused_block5``, so the parameter
-count matches; only ``block6`` differs between branches. Running the shared stages M times per step
-also updates their BatchNorm running statistics M times; their BN momentum is 1 - 0.9^M to match. ``shared_tail=False`` builds the evidently
-intended network instead: every branch runs its own ``block4`` .. ``block6``.
+``block5`` it builds for branches 1..M-1 are never used. In the AHBF model (ONE gets none) they are
+kept, frozen (``requires_grad=False``: they never get a gradient there either), as ``unused_block4`` /
+``unused_block5``, so the parameter count matches; only ``block6`` differs between branches. Running the
+shared stages M times per step also updates their BatchNorm running statistics M times; their BN
+momentum is 1 - 0.9^M to match. ``multi_branch(..., shared_tail=False)`` builds the evidently intended
+network instead: every branch runs its own ``block4`` .. ``block6``.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def multi_branch(arch, num_classes: int, num_branches: int, aux: int, method: st
     for i in range(num_branches):
         blocks = tail_blocks(i, aux)
         branch = MobileBranch(plan, blocks, shared_tail, num_classes)
-        if shared_tail and i > 0:  # built by the reference, never run by its forward
+        if shared_tail and i > 0 and method == "ahbf":  # built by the reference's AHBF model, never run
             branch.unused_block4 = plan.stage(0, plan.trunk[-1], blocks[0]).requires_grad_(False)
             branch.unused_block5 = plan.stage(1, plan.tail[0], blocks[1]).requires_grad_(False)
         branches.append(branch)

@@ -8,6 +8,8 @@ from .registry import create_model, default_aux
 # (arch, classes, method): the configurations the paper's tables use; M = 4 branches
 TABLE_ROWS = [(a, 100, m) for a in ("resnet32", "resnet56", "resnet110") for m in ("baseline", "dml", "one", "ahbf")]
 TABLE_ROWS += [(a, 1000, m) for a in ("resnet18", "resnet34", "resnet50") for m in ("baseline", "ahbf")]
+ZOO_ROWS = [(a, 100, m) for a in ("vgg16", "vgg19", "densenet40_k12", "densenet100_k12", "densenet100_k40",
+                                  "mobilenetv2_x0_5") for m in ("baseline", "dml", "one", "ahbf")]
 
 
 def count_parameters(arch: str, method: str, num_classes: int, num_branches: int = 4) -> tuple[int, int]:
@@ -29,3 +31,5 @@ def parameter_table(rows=TABLE_ROWS) -> str:
 
 if __name__ == "__main__":
     print(parameter_table())
+    print()
+    print(parameter_table(ZOO_ROWS))
