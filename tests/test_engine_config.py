@@ -82,8 +82,8 @@ def test_values_are_coerced_and_checked():
         assert cfg.objective.detach_teacher is expected or cfg.objective.detach_teacher == expected == "auto"
     with pytest.raises(ConfigError, match="objective.detach_teacher: unknown value 'maybe'; choose from auto, true, false"):
         build_config(overrides=[("objective.detach_teacher", "maybe")])
-    set_value(cfg, "train.compile", "yes")
-    assert cfg.train.compile is True
+    set_value(cfg, "train.deterministic", "yes")
+    assert cfg.train.deterministic is True
     with pytest.raises(ConfigError, match="'train.epochs': expected int, got 'many'"):
         set_value(cfg, "train.epochs", "many")
     with pytest.raises(ConfigError, match="'train.epochs': expected int, got 2.5"):

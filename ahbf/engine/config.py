@@ -324,7 +324,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.compile": ("off", "model", "branches"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
-ALIASES: dict[str, dict[str, str]] = {"train.compile": {"true": "model", "false": "off"}}  # old boolean configs
+ALIASES: dict[str, dict[str, str]] = {  # train.compile was a boolean
+    "train.compile": {"true": "model", "yes": "model", "on": "model", "false": "off", "no": "off"}}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
