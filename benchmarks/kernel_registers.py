@@ -8,7 +8,9 @@ Each variant (:data:`VARIANTS`: node-tile elements, warps, rows per program) is 
 ``ptxas -v``, which reports registers per thread and spill bytes. From the registers follows how many
 programs fit on one SM (65536 registers, at most 2048 threads), which is what the issue's "255 registers
 with 8 warps: one block per SM" was about. These are compile-time facts only; which variant is fastest
-is measured on a GPU by ``benchmarks/gpu_suite.py``.
+is measured on a GPU by ``benchmarks/gpu_suite.py``. The PTX's vector (64/128-bit) global loads and
+stores are counted too: the launcher passes K as ``K_units * KA`` (KA = the power of two <= 16 dividing K)
+so that rows are provably aligned and K = 1000 gets 128-bit accesses.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _signature(dtype: str) -> dict[str, str]:
             sig[name] = "*i32"
         elif name.endswith("_ptr") or re.fullmatch(r"dz\d", name):
             sig[name] = "*fp32"
-        elif name in ("B", "K", "S", "n_ens"):
+        elif name in ("B", "K_units", "S", "n_ens"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
@@ -63,16 +65,21 @@ def sm90_resources(method: str, M: int, dtype: str, K: int, tile: int | None, nu
                    rows: int) -> dict:
     """Compile one variant for sm_90; registers per thread, spills and programs per SM."""
     enc = encode_graph(build_graph(method, M), "cpu")
+    names = triton_okd._okd_fused_kernel.arg_names
     cfg = triton_okd.launch_config(enc.num_nodes, K, 256, tile=tile, num_warps=num_warps, rows=rows)
     S = enc.score_cols
     const = dict(M=M, N=enc.num_nodes, NP=cfg.np, WMAX=enc.max_width, WP=triton_okd._next_pow2(enc.max_width),
                  SP=triton_okd._next_pow2(max(S, 1)), BK=cfg.block_k, TEACHER=enc.teacher_mode,
                  ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=True, ROWS=cfg.rows, RB=triton_okd.REDUCE_BLOCK,
-                 ACC=triton.language.float32, F64=False)
-    names = triton_okd._okd_fused_kernel.arg_names
+                 ACC=triton.language.float32, F64=False, KA=min(16, K & -K))
     t0 = time.perf_counter()
-    src = ASTSource(triton_okd._okd_fused_kernel, _signature(TRITON_DTYPES[dtype]),
-                    constexprs={(names.index(k),): v for k, v in const.items()})
+    sig = _signature(TRITON_DTYPES[dtype])
+    ints = {"B": 256, "K_units": K // const["KA"], "S": S, "n_ens": enc.num_ensembles}
+    # what the JIT specialises at launch: 16-byte aligned pointers, integer arguments divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (n in ints and ints[n] % 16 == 0)}
+    src = ASTSource(triton_okd._okd_fused_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     ptx = kernel.asm["ptx"]
     arch = re.search(r"\.target\s+(\S+)", ptx).group(1)
@@ -91,6 +98,8 @@ def sm90_resources(method: str, M: int, dtype: str, K: int, tile: int | None, nu
             "chunks": -(-K // cfg.block_k), "num_warps": cfg.num_warps, "rows": cfg.rows, "registers": regs,
             "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)), "programs_per_sm": per_sm,
             "warps_per_sm": per_sm * cfg.num_warps,
+            "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v[24]\.", ptx)),
+            "vector_stores": len(re.findall(r"st\.global[.\w]*\.v[24]\.", ptx)),
             "compile_s": round(time.perf_counter() - t0, 1), "arch": arch}
 
 
@@ -111,11 +120,11 @@ def run(methods=("ahbf",), branches=(4, 8), dtypes=("fp32", "bf16"), K: int = 10
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| graph | dtype | variant | BK (chunks at K) | warps | rows/program | registers | spill st/ld (B) | "
-             "programs (warps) per SM |", "|---|---|---|---|---|---|---|---|---|"]
+             "programs (warps) per SM | vector ld/st |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} M={r['M']} | {r['dtype']} | {r['variant']} | {r['block_k']} ({r['chunks']} at "
                      f"K={r['K']}) | {r['num_warps']} | {r['rows']} | {r['registers']} | {r['spill_stores']}/"
-                     f"{r['spill_loads']} | {r['programs_per_sm']} ({r['warps_per_sm']}) |")
+                     f"{r['spill_loads']} | {r['programs_per_sm']} ({r['warps_per_sm']}) | {r['vector_loads']}/{r['vector_stores']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -274,11 +274,13 @@ def _okd_fused_kernel(
     dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
     s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr, out_ptr, terms_ptr,
     gi_ptr, gf_ptr,                            # the graph as an int32 and an ACC table (graph_tables)
-    B, K, S, n_ens, inv_B,
+    B, K_units, S, n_ens, inv_B,
     M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
     SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
     NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+    KA: tl.constexpr,
 ):
+    K = K_units * KA  # K = K_units * KA with KA a power of two: row offsets provably KA-aligned (vector loads)
     # ints = [ens_inputs (EA x WMAX), ens_col (EA), ens_width (EA)] with EA = max(E, 1);
     # floats = [T, 1/T, ce_count (N), A_w, A_t, A_s (N x N each)]
     ea = tl.maximum(n_ens, 1)
@@ -378,6 +380,7 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     S = scores.shape[1]
     cfg = launch_config(N, K, B, dev.type == "cpu", block_k=block_k, rows=rows, num_warps=num_warps)
     acc = compute_dtype(z[0])
+    ka = min(16, K & -K)  # the largest power of two (<= 16) dividing K: aligned rows, 128-bit loads / stores
     gi, gf = graph_tables(enc, float(T), acc)
     fa = dict(dtype=acc, device=dev)
     part = torch.empty((B, 2), **fa)                      # per-row [ce, kd] partials
@@ -395,10 +398,10 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     with _device_guard(dev):  # launch on z's GPU, not the current one
         _okd_fused_kernel[(triton.cdiv(B, cfg.rows),)](
             *zp, *dzp, s_arg, ds_arg, labels, kd_scale, part, loss_count, terms,
-            gi, gf, B, K, S, enc.num_ensembles, 1.0 / B,
+            gi, gf, B, K // ka, S, enc.num_ensembles, 1.0 / B,
             M=M, N=N, NP=cfg.np, WMAX=enc.max_width, WP=_next_pow2(enc.max_width), SP=_next_pow2(max(S, 1)),
             BK=cfg.block_k, TEACHER=enc.teacher_mode, ONE_CHUNK=K <= cfg.block_k, NEED_GRAD=need_grad,
-            ROWS=cfg.rows, RB=REDUCE_BLOCK, ACC=_TL_DTYPES[acc], F64=acc == torch.float64,
+            ROWS=cfg.rows, RB=REDUCE_BLOCK, ACC=_TL_DTYPES[acc], F64=acc == torch.float64, KA=ka,
             num_warps=cfg.num_warps)
     return loss_count[0], terms, dz, ds
 
