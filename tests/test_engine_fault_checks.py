@@ -125,3 +125,14 @@ def test_loaders_start_mid_epoch_with_the_same_batches():
     whole = list(sampler)
     sampler.skip = 8
     assert list(sampler) == whole[8:] and len(sampler) == len(whole)
+
+
+def test_one_sample_per_process_is_a_one_line_error(tmp_path):
+    from ahbf.engine.distributed import DistEnv
+    from ahbf.engine.trainer import Trainer
+
+    cfg = build_config(overrides=[("data.dataset", "synthetic"), ("data.synthetic_samples", 2), ("data.val_fraction", 0),
+                                  ("data.image_size", 8), ("train.output", str(tmp_path / "run")), ("train.threads", 1)])
+    with pytest.raises(ConfigError, match="each of the 2 processes gets 1 training sample"):
+        Trainer(cfg, DistEnv(0, 0, 2, torch.device("cpu")))  # checked before any collective or file
+    assert not (tmp_path / "run").exists()

@@ -83,6 +83,9 @@ class Trainer:
         set_threads(t.threads)  # before any work
         configure_determinism(t.deterministic)
         self.data = build_data(cfg.data, rank=env.rank, world_size=env.world_size, device=env.device)
+        if self.data.train.num_samples < 2:
+            raise ConfigError(f"each of the {env.world_size} processes gets {self.data.train.num_samples} training "
+                              "sample(s); BatchNorm needs 2 per step: use more data or fewer processes")
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         m = cfg.model
@@ -95,7 +98,6 @@ class Trainer:
         self.amp = AmpStepper(optimizer, self.model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
         notes: list[str] = []
         train_fwd, eval_fwd = wrap_model(self.model, env, t.compile, t.compile_mode, notes.append)
-        self.compile_pending = t.compile != "off"  # the first step compiles: timed apart from the img/s
         graph = make_graph(m.method, m.num_branches, cfg.objective)
         self.task = OKDTask(train_fwd, graph, cfg.objective, self.amp.autocast, eval_model=eval_fwd)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_base_batch, cfg.data.batch_size * env.world_size)
@@ -118,6 +120,8 @@ class Trainer:
             raise
         self.first_epoch = self.epoch
         record_resolved(cfg, self.data, self.amp.optimizer, env)  # config.yaml: what actually runs, no 'auto'
+        # the first step compiles (torch.compile of the model, the compiled or Triton objective): timed apart
+        self.compile_pending = t.compile != "off" or cfg.objective.backend != "eager"
         if env.is_main:
             os.makedirs(t.output, exist_ok=True)
             with open(os.path.join(t.output, "config.yaml"), "w") as f:
@@ -227,8 +231,8 @@ class Trainer:
                 self.compile_pending, start = False, time.perf_counter()
                 progress.wait = 0.0
                 progress.reset_window()
-                self.log.info(f"first step (torch.compile, train.compile={t.compile}): {compile_s:.1f} s, "
-                              "not counted in img/s")
+                self.log.info(f"first step (compiles: train.compile={t.compile}, objective.backend="
+                              f"{self.cfg.objective.backend}): {compile_s:.1f} s, not counted in img/s")
             else:
                 self.train_step(x, y)
             progress.advance(len(y) * self.env.world_size)
