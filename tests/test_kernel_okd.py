@@ -363,3 +363,10 @@ def test_triton_float64_equals_eager_to_1e12(graph, block_k, monkeypatch):
     assert_close(terms["kd"], ref_terms["kd"], rtol=1e-12, atol=1e-15, name="kd")
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         assert_close(a, b, rtol=1e-10, atol=1e-13 * b.abs().max().item(), name=f"grad {i}")
+
+
+def test_triton_launch_is_guarded_to_the_logits_device():
+    """``cuda:1`` logits launch on GPU 1 whatever the current device (checked without a GPU: the guard)."""
+    guard = triton_okd._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(triton_okd._device_guard(torch.device("cpu")), torch.cuda.device)
