@@ -99,9 +99,10 @@ def test_reproduce_tiny(tmp_path):
 
     data = json.loads(Path(files["json"]).read_text())
     assert data["complete"] is True
-    assert len(data["runs"]) == 8 and {(r["method"], r["seed"]) for r in data["runs"]} == {
-        (m, s) for m in ("baseline", "dml", "one", "ahbf") for s in (0, 1)}
-    nodes = {"baseline": 1, "dml": 4, "one": 5, "ahbf": 7}  # branches, then TAs / the gated ensemble
+    assert len(data["runs"]) == 16 and {(r["method"], r["seed"]) for r in data["runs"]} == {
+        (m, s) for m in rep.METHODS for s in (0, 1)}
+    # branches, then TAs / ensembles / targets (KDCL's label-built target is not evaluated; PCL: + head, EMA peers)
+    nodes = {"baseline": 1, "dml": 4, "one": 5, "ahbf": 7, "cl_ilr": 8, "okddip": 8, "kdcl": 4, "pcl": 13}
     for r in data["runs"]:
         assert r["train_samples"] == 30 and r["test_samples"] == 360
         assert len(r["test"]) == nodes[r["method"]]
@@ -122,13 +123,14 @@ def test_reproduce_tiny(tmp_path):
         assert cfg["model"]["arch"] == "resnet8" and cfg["train"]["seed"] == r["seed"]
 
     s = data["summary"]
-    assert list(s["methods"]) == ["baseline", "dml", "one", "ahbf"]
+    assert list(s["methods"]) == list(rep.METHODS)
     for m in s["methods"].values():
         mean, sd = m["target_top1"]
         assert m["n"] == 2 and 0.0 <= mean <= 100.0 and sd >= 0.0
         assert mean == pytest.approx(sum(m["per_seed"].values()) / 2)
     assert set(s["methods"]["ahbf"]["nodes"]) == {"branch0", "branch1", "branch2", "branch3", "ta0", "ta1", "ta2"}
-    assert set(s["paired"]) == {"baseline", "dml", "one"} and set(s["paired_disagreement"]) == {"dml", "one"}
+    others = set(rep.METHODS) - {"ahbf"}
+    assert set(s["paired"]) == others and set(s["paired_disagreement"]) == others - {"baseline"}
     gain = s["methods"]["dml"]["ensemble_gain"][0]
     assert -100.0 <= gain <= 100.0 and math.isnan(s["methods"]["baseline"]["ensemble_gain"][0])
     for d in s["paired"].values():
@@ -136,7 +138,8 @@ def test_reproduce_tiny(tmp_path):
 
     md = Path(files["md"]).read_text()
     assert "Command: `pytest tiny`" in md
-    for label in ("Baseline", "DML", "ONE", "AHBF", "ta2", "Paired comparison", "disagreement"):
+    for label in ("Baseline", "DML", "ONE", "CL-ILR", "OKDDip", "KDCL", "PCL", "AHBF", "ta2", "ema_branch0",
+                  "Paired comparison", "disagreement"):
         assert label in md
     assert md.count("\n| 0 |") == 1 and md.count("\n| 1 |") == 1  # the per-seed table
 
