@@ -19,7 +19,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "dali-cuda120": ["nvidia-dali-cuda120"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda130"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "nvidia-dali-cuda130"],
     },
     entry_points={
         "console_scripts": [

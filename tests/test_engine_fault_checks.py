@@ -136,3 +136,36 @@ def test_one_sample_per_process_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="each of the 2 processes gets 1 training sample"):
         Trainer(cfg, DistEnv(0, 0, 2, torch.device("cpu")))  # checked before any collective or file
     assert not (tmp_path / "run").exists()
+
+
+def test_step_control_saves_every_n_steps_or_minutes_and_on_a_signal():
+    import signal
+    import time
+
+    from ahbf.engine.fault import StepControl, StopSignals
+
+    signals = StopSignals()
+    try:
+        steps = StepControl("3", signals)
+        assert [steps.poll(s) for s in (1, 2, 3)] == [(False, False), (False, False), (False, True)]
+        minutes = StepControl("0.001m", signals)  # 60 ms
+        assert minutes.poll(1) == (False, False)
+        time.sleep(0.1)
+        assert minutes.poll(2) == (False, True)
+        minutes.saved()
+        assert minutes.poll(3) == (False, False)
+        signal.raise_signal(signal.SIGUSR1)  # handled: recorded, not fatal
+        assert signals.name == "SIGUSR1" and steps.poll(4) == (True, True)
+        assert signal.getsignal(signal.SIGTERM) != signals._handle  # a second signal acts as usual
+    finally:
+        signals.restore()
+
+
+def test_export_of_a_checkpoint_with_reshaped_weights_is_one_line(tmp_path):
+    from ahbf.engine.evaluate import run_export
+
+    _, state = small_state()
+    state["model"]["branches.0.fc.weight"] = torch.zeros(10, 3)
+    save_checkpoint(state, str(tmp_path / "last.pt"))
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model: 1 reshaped \(branches.0.fc.weight"):
+        run_export(str(tmp_path / "last.pt"))
