@@ -20,7 +20,8 @@ MIN_SIZE = 32  # five 2x2 max-pools
 
 def check_size(x: Tensor) -> None:
     if min(x.shape[-2:]) < MIN_SIZE:
-        raise ValueError(f"vgg needs images of at least {MIN_SIZE} px (five 2x2 max-pools), got {tuple(x.shape[-2:])}")
+        raise ValueError(f"vgg needs images of at least {MIN_SIZE} px (five 2x2 max-pools), got "
+                         f"{tuple(x.shape[-2:])}: set data.image_size (--image-size) to {MIN_SIZE} or more")
 
 
 def conv_stage(cin: int, cout: int, convs: int) -> nn.Sequential:
