@@ -69,8 +69,8 @@ class ModelCase:
     cpu_size: int  # on a CPU (said in the table)
 
     def describe(self, size: int) -> str:
-        return (f"{self.method.upper()} {self.arch} M{self.branches}" + (f" aux{self.aux}" if self.method == "ahbf" else "")
-                + f" K{self.classes} {size}px b{self.batch}")
+        aux = f" aux{self.aux}" if self.method == "ahbf" else ""
+        return f"{self.method.upper()} {self.arch} M{self.branches}{aux} K{self.classes} {size}px b{self.batch}"
 
 
 MODELS: dict[str, ModelCase] = {
@@ -291,10 +291,12 @@ def labelled(model: torch.nn.Module):
             h.remove()
 
 
-def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float]:
-    """Milliseconds per step in each labelled part of ``run``'s step (torch.profiler; device time on CUDA).
-    The step is ``Trainer.train_step`` split into its parts: forward + objective (``OKDTask``), then
-    ``AmpStepper``'s backward and optimizer step; the objective's own backward is inside ``backward``."""
+def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float | str]:
+    """Milliseconds per step in each labelled part of ``run``'s step (torch.profiler): device time of the ranges
+    on CUDA where the profiler attributes it to them (``clock: device``), else host time (``clock: host``:
+    on CUDA that is launch time, not kernel time; the step is synced at its end). The step is
+    ``Trainer.train_step`` split into its parts: forward + objective (``OKDTask``), then ``AmpStepper``'s
+    backward and optimizer step (no clipping); the objective's own backward is inside ``backward``."""
     tr, device = run.trainer, run.trainer.env.device
     amp, task = tr.amp, tr.task
     objective = task.objective
@@ -323,15 +325,13 @@ def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float]:
                 synchronize(device)
     finally:
         task.objective = objective
-    totals: dict[str, float] = {}
-    for ev in prof.key_averages():
-        if ev.key in (*LABELS, "step"):
-            t = getattr(ev, "device_time_total", 0.0) if device.type == "cuda" else 0.0
-            totals[ev.key] = (t or ev.cpu_time_total) / 1000 / steps
+    events = [ev for ev in prof.key_averages() if ev.key in (*LABELS, "step")]
+    on_device = device.type == "cuda" and all(getattr(ev, "device_time_total", 0.0) > 0 for ev in events)
+    totals = {ev.key: (ev.device_time_total if on_device else ev.cpu_time_total) / 1000 / steps for ev in events}
     step_ms = totals.pop("step", sum(totals.values()))
     parts = {k: totals.get(k, 0.0) for k in LABELS}
     parts["other"] = max(0.0, step_ms - sum(parts.values()))
-    return {"step_ms": step_ms, **parts}
+    return {"step_ms": step_ms, **parts, "clock": "device" if on_device else "host"}
 
 
 # ---- one run
@@ -430,15 +430,16 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = [f"Engine training step vs the paper's loop ({info.get('gpu', info['cpu'])}, {info['threads']} threads, "
              f"torch {info['torch']}, {info['date'][:10]}). img/s: median of blocks (25-75 % spread); "
              "vs paper: ratio of medians in the same run; first step: build + warm-up (compile where on).", "",
-             "| model | data | setting | img/s | spread | ms/step | vs paper | first step s |", "|---|---|---|---|---|---|---|---|"]
+             "| model | data | setting | img/s | spread | ms/step | vs paper | first step s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['desc']} | {r['data']} | {r['setting']} | {r['img_s']:.0f} | {r['img_s_q25']:.0f}-"
                      f"{r['img_s_q75']:.0f} | {r['ms_step']:.1f} | {r['vs_paper']:.2f}x | {r['first_step_s']:.1f} |")
     for r in rows:
         if "breakdown" in r:
             b = r["breakdown"]
-            lines += ["", f"Step breakdown, {r['desc']}, {r['data']}, {r['setting']} (torch.profiler, "
-                      f"{b['step_ms']:.1f} ms per step):", "", "| part | ms | share |", "|---|---|---|"]
+            lines += ["", f"Step breakdown, {r['desc']}, {r['data']}, {r['setting']} (torch.profiler, {b['clock']} "
+                      f"time, {b['step_ms']:.1f} ms per step):", "", "| part | ms | share |", "|---|---|---|"]
             lines += [f"| {k} | {b[k]:.2f} | {100 * b[k] / b['step_ms']:.0f} % |" for k in (*LABELS, "other")]
     return "\n".join(lines) + "\n"
 

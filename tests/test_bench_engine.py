@@ -35,7 +35,7 @@ def test_smoke_rows_and_breakdown():
     assert all(r["img_s"] > 0 and r["img_s_q25"] <= r["img_s"] <= r["img_s_q75"] for r in rows)
     assert rows[0]["vs_paper"] == 1.0
     (b,) = [r["breakdown"] for r in rows if "breakdown" in r]
-    assert set(b) == {"step_ms", *LABELS, "other"}
+    assert set(b) == {"step_ms", *LABELS, "other", "clock"} and b["clock"] == "host"
     assert b["branches"] > 0 and b["backward"] > 0 and b["objective"] > 0 and b["trunk"] > 0
     assert sum(b[k] for k in (*LABELS, "other")) == pytest.approx(b["step_ms"], rel=0.05)
     text = markdown(rows, machine(torch.device("cpu"), 1))

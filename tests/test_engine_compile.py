@@ -93,7 +93,8 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
     cfg = build_config(overrides=[("data.dataset", "synthetic"), ("data.synthetic_samples", 40),
                                   ("data.image_size", 8), ("data.batch_size", 9), ("data.val_fraction", 0),
                                   ("model.arch", "resnet8"), ("model.num_branches", 2), ("train.epochs", 2),
-                                  ("train.precision", "fp32"), ("train.compile", "model"), ("train.output", str(tmp_path)),
+                                  ("train.precision", "fp32"), ("train.compile", "model"),
+                                  ("train.output", str(tmp_path)),
                                   ("train.progress", False), ("train.tensorboard", False), ("optim.lr_base_batch", 18),
                                   ("train.threads", 1)])
     trainer = Trainer(cfg, CPU)
