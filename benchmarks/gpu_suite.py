@@ -88,8 +88,8 @@ def kernel_variants(ctx: dict) -> dict:
             ctx["log"](f"  {row['dtype']:8s} {label:26s} BK={cfg.block_k:5d} warps={cfg.num_warps:2d} "
                        f"rows={cfg.rows}  err {err:.1e}  kernel {row['kernel_ms']:.4f} ms")
     regs = sm90_registers(ctx, K, 1 if ctx["smoke"] else len(variants))  # ~5 s per ahead-of-time compile
-    for r in rows:  # registers are per (variant, dtype); the fp32 compile stands for both here
-        match = [x for x in regs if x["variant"] == r["variant"]]
+    for r in rows:  # fp32 rows only (bf16 registers differ: kernel_registers.py --dtypes bf16)
+        match = [x for x in regs if x["variant"] == r["variant"] and r["dtype"] == "float32"]
         if match:
             r.update(registers=match[0]["registers"], spills=match[0]["spill_stores"],
                      warps_per_sm=match[0]["warps_per_sm"])
