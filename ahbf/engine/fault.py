@@ -80,7 +80,7 @@ class FolderLock:
     removed on release; a holder checks after locking that the path is still its file (a release in between)."""
 
     def __init__(self, folder: str):
-        self.path = os.path.join(folder, ".lock")
+        self.path, self.fd = os.path.join(folder, ".lock"), None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -96,7 +96,7 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             os.close(fd)  # the previous holder removed the file we locked: lock the new one
-        self.fd: int | None = fd
+        self.fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
 
