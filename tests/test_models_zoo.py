@@ -81,6 +81,15 @@ def test_branch_depths():
         assert [(f.conv.in_channels, f.conv.out_channels) for f in m.fusions] == [(288, 156), (336, 180), (384, 204)]
 
 
+def test_parts_are_named_as_in_multibranchnet():
+    """trunk / branches / fusions / gate, so train.compile=branches compiles each as its own graph."""
+    with torch.device("meta"):
+        m = create_model("densenet40_k12", "ahbf", 10, num_branches=3)
+        one = create_model("mobilenetv2_x0_5", "one", 10, num_branches=3)
+    assert m.compile_units() == [m.trunk, *m.branches, *m.fusions]
+    assert one.compile_units() == [one.trunk, *one.branches, one.gate]
+
+
 def test_mobilenet_depths_and_the_shared_tail_quirk():
     """Lower stage first: block4 gets aux*ceil(i/3), block5 aux*floor((i+1)/3), block6 aux*floor(i/3).
     As the reference's forward, every branch runs branch 0's block4/block5 (here: in the trunk)."""
