@@ -169,3 +169,13 @@ def test_export_of_a_checkpoint_with_reshaped_weights_is_one_line(tmp_path):
     save_checkpoint(state, str(tmp_path / "last.pt"))
     with pytest.raises(CheckpointError, match=r"weights do not fit the model: 1 reshaped \(branches.0.fc.weight"):
         run_export(str(tmp_path / "last.pt"))
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
+    from ahbf.engine.evaluate import run_eval
+
+    _, state = small_state()
+    state["model"]["branches.0.fc.bias"] = torch.full((10,), float("nan"))
+    save_checkpoint(state, str(tmp_path / "best.pt"))  # as an older version could write it
+    with pytest.raises(CheckpointError, match="holds non-finite weights .1 tensors, e.g. branches.0.fc.bias"):
+        run_eval(str(tmp_path / "best.pt"))

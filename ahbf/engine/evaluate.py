@@ -10,7 +10,7 @@ import torch
 from ..evaluation import evaluate, format_table
 from ..models import create_model, get_arch, target_state_dict
 from ..pipelines import build_data
-from .checkpoint import atomic_save, check_spec, describe, load_checkpoint, load_weights
+from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
 from .config import config_from_dict, set_value, validate
 from .distributed import resolve_device
 from .precision import AmpStepper, resolve_precision
@@ -33,6 +33,9 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     if split not in ("test", "val"):
         raise ValueError(f"split must be test or val, got {split!r}")
     ckpt = load_checkpoint(path)
+    bad = non_finite(ckpt["model"])
+    if bad:  # written by an older version (this one never writes them)
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     cfg = config_from_dict(ckpt["config"])
     # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
     cfg.train.device, cfg.data.backend = "auto", "auto"
