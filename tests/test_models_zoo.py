@@ -232,10 +232,10 @@ def test_cifar_configs_for_every_family_and_method(arch):
             assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones) == (0.1, 5e-4, [150, 225])
 
 
-@pytest.mark.parametrize("arch,size", [("densenet40_k12", 8), ("vgg16", 32)])
+@pytest.mark.parametrize("arch,size", [("densenet40_k12", 8), ("vgg16", 32), ("mobilenetv2_x0_5", 32)])
 def test_ahbf_train_and_export_run_the_families(arch, size, tmp_path):
-    """ahbf-train end to end (bf16 autocast, channels-last: the defaults) on a few synthetic images, then
-    ahbf-export into the family's plain network."""
+    """ahbf-train end to end (bf16 autocast, channels-last: the defaults; MobileNetV2 with its frozen
+    unused blocks in the optimiser) on a few synthetic images, then ahbf-export into the plain network."""
     from ahbf.engine.cli import export_main, train_main
     out = tmp_path / "run"
     assert train_main(["--dataset", "synthetic", "data.synthetic_samples=24", "data.val_fraction=0",

@@ -415,7 +415,7 @@ class Trainer:
     def summary(self) -> str:
         """The start-up header: folder, recipe, model (trained and deployed sizes), data, schedule, machine."""
         c, d, m = self.cfg, self.data, self.cfg.model
-        trained = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # not MobileNetV2's unused blocks
         deployed = count_parameters(m.arch, "baseline", d.num_classes)[1]
         sizes = d.sizes or {"train": d.train.num_samples * self.env.world_size}
         splits = f"{sizes['train']} train / " + (f"{sizes.get('val', 0)} val" if d.val is not None else "no val")
