@@ -83,6 +83,9 @@ def test_old_boolean_compile_still_reads(tmp_path, text, expected):
     assert build_config([str(path)]).train.compile == expected
     assert parse_train_args(["--compile"]).train.compile == "model"
     assert parse_train_args(["--no-compile"]).train.compile == "off"
+    cfg = parse_train_args(["--compile", "objective.T=4", "--compile-mode", "max-autotune"])  # not swallowed
+    assert (cfg.train.compile, cfg.objective.T, cfg.train.compile_mode) == ("model", 4.0, "max-autotune")
+    assert parse_train_args(["--compile", "branches", "--epochs", "2"]).train.compile == "branches"
     with pytest.raises(ConfigError, match="train.compile_mode"):
         build_config(overrides=[("train.compile_mode", "fast")])
 

@@ -112,13 +112,21 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bare_compile(argv: list[str]) -> list[str]:
+    """``--compile`` takes an optional mode: followed by anything but a mode (``--compile a.b=c``) it is
+    the bare flag (``--compile=model``), so it never swallows the next argument."""
+    modes = CHOICES["train.compile"]
+    return [("--compile=model" if a == "--compile" and (i + 1 == len(argv) or argv[i + 1] not in modes) else a)
+            for i, a in enumerate(argv)]
+
+
 def parse_train_args(argv: list[str] | None) -> RunConfig:
     return _parse_train_args(argv)[0]
 
 
 def _parse_train_args(argv: list[str] | None) -> tuple[RunConfig, str]:
     """(the config, the name of the data-set recipe in force or "")."""
-    args = train_parser().parse_intermixed_args(argv)
+    args = train_parser().parse_intermixed_args(_bare_compile(sys.argv[1:] if argv is None else argv))
     flags = [(k, v) for k, v in vars(args).items() if "." in k]
     overrides = flags + [parse_override(o) for o in args.overrides]
     return build_config(args.config, overrides), chosen_recipe(args.config, overrides)
