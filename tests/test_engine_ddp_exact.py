@@ -66,3 +66,18 @@ def test_without_sync_bn_the_runs_differ(single, tmp_path):
     weights, _ = run(tmp_path, "-b", "8", "--no-sync-bn", procs=2)
     diff, _ = max_diff(weights, single[0])
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("arch, method", [("mobilenetv2_x0_5", "ahbf"), ("resnet8", "pcl")])
+def test_sync_bn_conversion_keeps_frozen_parameters_frozen(arch, method):
+    """MobileNetV2's unused blocks and PCL's EMA copy are frozen; a converted BN that trained them would make DDP
+    fail ("Expected to have finished reduction") at step 2."""
+    from ahbf.engine.distributed import CpuSyncBatchNorm, convert_sync_batchnorm
+    from ahbf.models import create_model
+
+    model = create_model(arch, method, 10, 3, 2)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not all(before.values())
+    convert_sync_batchnorm(model)
+    assert any(isinstance(m, CpuSyncBatchNorm) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

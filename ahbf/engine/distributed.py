@@ -148,7 +148,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm of ``model`` -> torch's ``SyncBatchNorm`` on CUDA, ``CpuSyncBatchNorm`` elsewhere, in place;
-    same parameters, buffers and state-dict keys."""
+    same parameters (and ``requires_grad`` flags), buffers and state-dict keys."""
     for name, child in model.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             device = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0)).device
@@ -156,6 +156,8 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
             sync = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
                        device=device)
             sync.load_state_dict(child.state_dict())
+            for new, old in zip(sync.parameters(), child.parameters()):
+                new.requires_grad_(old.requires_grad)  # frozen BN (MobileNetV2's unused blocks, PCL's EMA) stays frozen
             setattr(model, name, sync.train(child.training))
         else:
             convert_sync_batchnorm(child)
