@@ -179,3 +179,11 @@ def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
     save_checkpoint(state, str(tmp_path / "best.pt"))  # as an older version could write it
     with pytest.raises(CheckpointError, match="holds non-finite weights .1 tensors, e.g. branches.0.fc.bias"):
         run_eval(str(tmp_path / "best.pt"))
+
+
+def test_non_finite_names_every_bad_tensor_in_order_with_one_blocking_copy():
+    """The same function checks CUDA states (one blocking copy per device; a non_blocking one could be read unfilled)."""
+    state = {"model": {"w": torch.ones(3), "v": torch.tensor([float("nan")], dtype=torch.bfloat16)},
+             "optim": {"state": [{"m": torch.tensor([-float("inf"), 0.0])}, {"m": torch.zeros(0)}]}, "n": torch.arange(2)}
+    assert non_finite(state) == ["model.v", "optim.state.0.m"]
+    assert non_finite({"w": torch.ones(2)}) == [] and non_finite({}) == []

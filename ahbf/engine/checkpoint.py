@@ -76,12 +76,17 @@ def checksum(state: dict[str, Any]) -> str:
 
 
 def non_finite(state: Any) -> list[str]:
-    """Names of the floating-point tensors of ``state`` holding NaN or inf (one host sync in all)."""
+    """Names of the floating-point tensors of ``state`` holding NaN or inf (one blocking copy per device: a
+    ``non_blocking`` device-to-host copy could be read before it is filled)."""
     named = [(n, t) for n, t in _tensors(state) if t.is_floating_point() and t.numel()]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True) for _, t in named]).tolist()
-    return [n for (n, _), ok in zip(named, finite) if not ok]
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for n, t in named:
+        by_device.setdefault(t.device, []).append((n, t))
+    bad = set()
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in group]).cpu().tolist()
+        bad.update(n for (n, _), ok in zip(group, finite) if not ok)
+    return [n for n, _ in named if n in bad]
 
 
 def older(path: str, i: int) -> str:
