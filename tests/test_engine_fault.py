@@ -235,3 +235,11 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+def test_mid_epoch_checkpoints_never_replace_an_epoch_snapshot(tmp_path):
+    assert train_main([*TINY, "-o", str(tmp_path), "--checkpoint-every", "3", "train.save_every=1"]) == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("epoch_")) == ["epoch_1.pt", "epoch_2.pt"]
+    for n in (1, 2):
+        ckpt = load_checkpoint(str(tmp_path / f"epoch_{n}.pt"))
+        assert (ckpt["epoch"], ckpt["batch"]) == (n, 0)

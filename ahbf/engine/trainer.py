@@ -337,7 +337,7 @@ class Trainer:
         if improved:
             atomic_copy(last, self.path("best.pt"))
         every = self.cfg.train.save_every
-        if every and self.epoch % every == 0:
+        if every and self.batch == 0 and self.epoch % every == 0:  # epoch ends only, not mid-epoch saves
             atomic_copy(last, self.path(f"epoch_{self.epoch}.pt"))
 
     def load(self, path: str) -> None:
