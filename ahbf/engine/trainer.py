@@ -113,6 +113,7 @@ class Trainer:
         self.last_good: str | None = None  # the newest checkpoint written or resumed from
         self.signals: StopSignals | None = None
         self.lock = self._claim_output()  # refuses a folder holding another run before anything is written
+        t.overwrite = False  # done; config.yaml re-run with -c must not delete this run's checkpoints
         try:
             self._maybe_resume()  # before writing anything: a refused checkpoint leaves the folder as it was
         except BaseException:
