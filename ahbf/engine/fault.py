@@ -1,6 +1,7 @@
 """Surviving a cluster: preemption signals, per-step agreement on stopping / checkpointing, the run folder's lock.
 
-- ``StopSignals``: SIGTERM / SIGINT / SIGUSR1 set a flag (a second one acts as usual: the run dies at once);
+- ``StopSignals``: SIGTERM / SIGINT / SIGUSR1 set a flag (a second Ctrl-C stops the run at once; repeated
+  SIGTERM / SIGUSR1 are ignored);
   the trainer finishes its step, all ranks agree on that step, rank 0 writes ``last.pt``, and the process
   exits with ``PREEMPTED_EXIT``.
 - ``claim_folder``: refuses a folder that holds another run unless it is resumed or ``--overwrite`` is given,
@@ -42,8 +43,10 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """Records the first of ``SIGNALS``; the handlers are restored after it, so a second signal acts as usual
-    (SIGINT: KeyboardInterrupt, SIGTERM: the process dies). Only the main thread can install handlers."""
+    """Records the first of ``SIGNALS``; after it SIGINT's handler is restored, so a second Ctrl-C acts at once
+    (KeyboardInterrupt), while repeats of SIGTERM / SIGUSR1 are ignored: under SLURM + torchrun a worker gets
+    SLURM's SIGTERM and torchrun's forwarded one milliseconds apart, and must still write its checkpoint.
+    Only the main thread can install handlers."""
 
     def __init__(self):
         self.received: int | None = None
@@ -53,8 +56,10 @@ class StopSignals:
                 self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signum
-        self.restore()
+        if self.received is None:
+            self.received = signum
+        if signal.SIGINT in self._previous:  # a second Ctrl-C acts at once (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     @property
     def name(self) -> str:
