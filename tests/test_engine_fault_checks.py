@@ -191,3 +191,25 @@ def test_non_finite_names_every_bad_tensor_in_order_with_one_blocking_copy():
              "optim": {"state": [{"m": torch.tensor([-float("inf"), 0.0])}, {"m": torch.zeros(0)}]}, "n": torch.arange(2)}
     assert non_finite(state) == ["model.v", "optim.state.0.m"]
     assert non_finite({"w": torch.ones(2)}) == [] and non_finite({}) == []
+
+
+def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from ahbf.engine.fault import FolderLock, RunFolderError, claim_folder
+
+    held = FolderLock(str(tmp_path))  # a live run: "in use", as before
+    try:
+        with pytest.raises(RunFolderError, match="in use by a live run"):
+            FolderLock(str(tmp_path))
+    finally:
+        held.release()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock, notes = claim_folder(str(tmp_path / "lustre"), resume=False, overwrite=False)
+    assert lock.fd is None and len(notes) == 1 and "cannot lock" in notes[0] and "No locks available" in notes[0]
+    lock.release()

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -85,12 +86,17 @@ class FolderLock:
     removed on release; a holder checks after locking that the path is still its file (a release in between)."""
 
     def __init__(self, folder: str):
-        self.path, self.fd = os.path.join(folder, ".lock"), None
+        self.path, self.fd, self.warning = os.path.join(folder, ".lock"), None, ""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock here (e.g. Lustre noflock)
+                    os.close(fd)
+                    self.warning = (f"warning: cannot lock {self.path} ({os.strerror(err.errno)}); nothing stops a "
+                                    "second run from sharing this folder")
+                    return
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise RunFolderError(f"{folder} is in use by a live run ({holder}); wait for it to end or choose "
@@ -127,7 +133,7 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool) -> tuple[FolderL
                              "start afresh there with --overwrite (deletes its checkpoints), or choose another -o")
     os.makedirs(folder, exist_ok=True)
     lock = FolderLock(folder)
-    notes = []
+    notes = [lock.warning] if lock.warning else []
     if overwrite and not resume:
         cleared = [f for f in sorted(os.listdir(folder)) if CLEARED_ON_OVERWRITE.match(f)]
         for f in cleared:
