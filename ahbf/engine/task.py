@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from typing import Callable, ContextManager
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels import all_node_logits, build_graph
 from ..kernels.graph import DEFAULT_DETACH, DistillGraph
+from ..kernels.analytic import TRITON_MAX_BRANCHES
 from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.reference import minlogit_target
 from ..models import default_aux
@@ -73,6 +75,9 @@ class OKDTask:
         self.objective = objective_fn(cfg.backend)
         # KDCL-MinLogit: the soft target is built from the labels, so it is an input of training only
         self.minlogit = graph.name == "kdcl" and graph.names[-1:] == ("minlogit",)
+        if cfg.backend == "auto" and graph.num_branches > TRITON_MAX_BRANCHES and torch.cuda.is_available():
+            warnings.warn(f"objective: the {graph.name} graph has {graph.num_branches} input tensors, more than the "
+                          f"Triton kernel's {TRITON_MAX_BRANCHES}: backend auto runs the compiled backend", stacklevel=2)
         self.kd_scale = 0.0
         self.set_epoch(0)
 
