@@ -78,11 +78,23 @@ def test_resolve_output_names_and_suffixes(tmp_path, monkeypatch):
     os.utime(f"runs/digits-resnet8-dml-{stamp}", (now + 60, now + 60))
     assert resolve_output(cfg, {}, now) == f"runs/digits-resnet8-dml-{stamp}"
     assert resolve_output(build_config(overrides=[("train.resume", "auto")]), {}, now).startswith("runs/digits-resnet8-ahbf-")
+    # runs started in the same second (a job array): each makes its own folder while choosing it
+    cfg.train.resume = ""
+    taken = [resolve_output(cfg, {}, now, create=True) for _ in range(2)]
+    assert taken == [f"runs/digits-resnet8-dml-{stamp}-3", f"runs/digits-resnet8-dml-{stamp}-4"]
+    assert all(os.path.isdir(p) for p in taken)
     cfg.train.output = "/exact/path"
     assert resolve_output(cfg, {}) == "/exact/path"
     cfg.train.name = "ablation-a"  # wins over an output from a config file (-c <run>/config.yaml --name again)
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}) == "runs/ablation-a"
     assert build_config(overrides=[("train.name", "x")]).train.output == ""  # --name does not set the output
+
+
+def test_a_run_that_fails_to_start_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--dataset", "imagenet", "--data-dir", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "runs") == []
 
 
 def test_latest_link_moves_and_never_replaces_a_real_folder(tmp_path):

@@ -16,6 +16,7 @@ from .config import CHOICES, SECTIONS, ConfigError, RunConfig, build_config, fie
 from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, Preempted
 from .meters import NonFiniteLossError
 from .recipes import chosen_recipe
+from .rundir import discard_if_empty
 
 # (flags, config key); booleans get --x / --no-x
 TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
@@ -156,9 +157,14 @@ def _train(argv: list[str] | None) -> None:
     from .trainer import Trainer
 
     cfg, recipe = _parse_train_args(argv)
+    auto_named = not (cfg.train.output or cfg.train.name)
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         Trainer(cfg, env, recipe=recipe).fit()
+    except BaseException:
+        if auto_named and cfg.train.output and env.is_main:
+            discard_if_empty(cfg.train.output)  # the folder chosen (and made) for a run that failed to start
+        raise
     finally:
         distributed.teardown()
 

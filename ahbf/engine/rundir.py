@@ -21,8 +21,11 @@ def auto_stem(cfg) -> str:
     return f"{cfg.data.dataset}-{cfg.model.arch}-{cfg.model.method}"
 
 
-def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | None = None) -> str:
-    """The output folder of a run (a pure function of the config, the environment and the clock)."""
+def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | None = None,
+                   create: bool = False) -> str:
+    """The output folder of a run (a function of the config, the environment, the clock and the folders there).
+    ``create``: make a time-suffixed folder with ``os.mkdir`` while choosing it, so that runs started in the same
+    second (a job array) each get their own."""
     t = cfg.train
     if t.name:
         return os.path.join(RUNS, t.name)
@@ -34,11 +37,25 @@ def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | N
     if t.resume == "auto" and (newest := newest_run(auto_stem(cfg))):
         return newest
     base = os.path.join(RUNS, f"{auto_stem(cfg)}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
+    if create:
+        os.makedirs(RUNS, exist_ok=True)
     path, n = base, 1
-    while os.path.exists(path):
+    while not _take(path, create):
         n += 1
         path = f"{base}-{n}"
     return path
+
+
+def _take(path: str, create: bool) -> bool:
+    """Whether ``path`` is free; with ``create``, claim it (``os.mkdir`` is atomic: of several runs started in
+    the same second, exactly one gets each name)."""
+    if not create:
+        return not os.path.exists(path)
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
 
 
 def newest_run(stem: str) -> str:
@@ -54,14 +71,23 @@ def newest_run(stem: str) -> str:
 def shared_output(cfg, env_vars: Mapping[str, str] = os.environ) -> str:
     """``resolve_output`` on every rank; where the name has a time suffix (no torchrun run id), rank 0's
     choice is broadcast so that every rank writes to the same folder."""
-    path = resolve_output(cfg, env_vars)
     import torch.distributed as dist
 
-    if not (cfg.train.output or cfg.train.name) and dist.is_initialized() and dist.get_world_size() > 1:
+    shared = dist.is_initialized() and dist.get_world_size() > 1
+    path = resolve_output(cfg, env_vars, create=not shared or dist.get_rank() == 0)
+    if not (cfg.train.output or cfg.train.name) and shared:
         shared = [path]
         dist.broadcast_object_list(shared, src=0)
         path = shared[0]
     return path
+
+
+def discard_if_empty(path: str) -> None:
+    """Remove an auto-named run folder that a failed start left empty."""
+    try:
+        os.rmdir(path)  # only succeeds on an empty folder
+    except OSError:
+        pass
 
 
 def link_latest(output: str) -> None:
