@@ -244,3 +244,21 @@ def test_mid_epoch_checkpoints_never_replace_an_epoch_snapshot(tmp_path):
     for n in (1, 2):
         ckpt = load_checkpoint(str(tmp_path / f"epoch_{n}.pt"))
         assert (ckpt["epoch"], ckpt["batch"]) == (n, 0)
+
+
+def test_resume_auto_refuses_a_sibling_run_of_a_sweep(tmp_path, monkeypatch, capsys):
+    """Without -o, --resume auto takes the newest runs/<dataset>-<arch>-<method>-* folder: in a sweep that may be
+    another seed's or lr's run, which must not be continued (or re-reported) as this one."""
+    monkeypatch.chdir(tmp_path)
+    assert train_main([*TINY, "--epochs", "1", "--lr", "0.05", "--checkpoint-every", "off"]) == 0
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_main([*TINY, "--epochs", "1", "--lr", "0.02", "--seed", "3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "another run's checkpoint" in err
+    assert "optim.lr 0.05 -> 0.02" in err and "train.seed 0 -> 3" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # the run's own command (a requeued job; more epochs extend it) resumes: resolved values are no difference
+    assert train_main([*TINY, "--epochs", "2", "--lr", "0.05", "--resume", "auto", "--checkpoint-every", "off"]) == 0
+    assert "resumed from" in capsys.readouterr().out

@@ -169,13 +169,34 @@ def describe(spec: dict[str, Any]) -> str:
 
 
 class ModelMismatchError(CheckpointError):
-    """A readable checkpoint of another model: a configuration error, not a damaged file (no fallback)."""
+    """A readable checkpoint of another model or run: a configuration error, not a damaged file (no fallback)."""
 
 
 def check_spec(found: dict[str, Any], expected: dict[str, Any], path: str) -> None:
     """One-line ``ModelMismatchError`` naming both models when a checkpoint belongs to another model."""
     if any(found.get(k) != expected.get(k) for k in SPEC_KEYS):
         raise ModelMismatchError(f"checkpoint {path} holds {describe(found)}, but this run builds {describe(expected)}")
+
+
+# what a resume may change: where the data lives, how it is loaded, which kernels run. Every other value of these
+# sections, and train.seed, says which run this is (train.epochs may grow: a resume can extend a run)
+RUN_SECTIONS = ("data", "model", "objective", "optim", "schedule")
+MAY_CHANGE = {"data.root", "data.backend", "data.workers", "data.eval_batch_size", "data.download",
+              "data.skip_bad_images", "data.check_images", "optim.impl", "objective.backend"}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for each value that defines the run and differs (values this run resolves
+    later, ``auto`` and ``data.image_size`` 0, are not compared; neither are keys one side lacks)."""
+    changes = []
+    for key in [f"{s}.{k}" for s in RUN_SECTIONS for k in current.get(s, {})] + ["train.seed"]:
+        section, name = key.split(".")
+        if key in MAY_CHANGE or name not in saved.get(section, {}) or name not in current.get(section, {}):
+            continue
+        old, new = saved[section][name], current[section][name]
+        if new != "auto" and not (key == "data.image_size" and not new) and old != new:
+            changes.append(f"{key} {old!r} -> {new!r}")
+    return changes
 
 
 def rng_state() -> dict[str, Any]:

@@ -21,8 +21,9 @@ from ..evaluation import evaluate, format_table
 from ..models import create_model
 from ..models.summary import count_parameters
 from ..pipelines import build_data
-from .checkpoint import (CheckpointError, ModelMismatchError, atomic_copy, check_resumable, check_spec, load_checkpoint, load_weights,
-                         newest_first, non_finite, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, ModelMismatchError, atomic_copy, check_resumable, check_spec, config_changes,
+                         load_checkpoint, load_weights, newest_first, non_finite, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import ConfigError, RunConfig
 from .compile import compile_model, timed
 from .distributed import DistEnv, all_reduce, any_rank, barrier, broadcast_buffers, convert_sync_batchnorm, default_threads, set_threads
@@ -172,7 +173,7 @@ class Trainer:
             return
         for candidate in chain:
             try:
-                self.load(candidate)
+                self.load(candidate, same_run=True)
             except ModelMismatchError:
                 raise  # the run's config builds another model: an older checkpoint would not fit either
             except CheckpointError as err:
@@ -341,11 +342,17 @@ class Trainer:
         if every and self.batch == 0 and self.epoch % every == 0:  # epoch ends only, not mid-epoch saves
             atomic_copy(last, self.path(f"epoch_{self.epoch}.pt"))
 
-    def load(self, path: str) -> None:
-        """Resume from ``path``: every check (checksum, entries, model, shapes) before any state changes."""
+    def load(self, path: str, same_run: bool = False) -> None:
+        """Resume from ``path``: every check (checksum, entries, model, shapes) before any state changes.
+        ``same_run`` (``--resume auto``): also refuse a checkpoint whose config is another run's (a sweep sibling)."""
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, path)
         check_spec(ckpt["spec"], self.model.spec, path)
+        changes = config_changes(ckpt.get("config") or {}, self.cfg.to_dict()) if same_run else []
+        if changes:
+            raise ModelMismatchError(f"--resume auto: {path} is another run's checkpoint ({'; '.join(changes[:4])}"
+                                     f"{'; ...' if len(changes) > 4 else ''}); give this run its own folder with "
+                                     f"--name / -o, or continue that run anyway with --resume {path}")
         load_weights(self.model, ckpt["model"], path)
         try:
             self.amp.load_state_dict(ckpt["optim"])
