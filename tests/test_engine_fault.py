@@ -262,3 +262,25 @@ def test_resume_auto_refuses_a_sibling_run_of_a_sweep(tmp_path, monkeypatch, cap
     # the run's own command (a requeued job; more epochs extend it) resumes: resolved values are no difference
     assert train_main([*TINY, "--epochs", "2", "--lr", "0.05", "--resume", "auto", "--checkpoint-every", "off"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_torchrun_restart_resumes_only_its_own_run(tmp_path, monkeypatch, capsys):
+    """A restart (TORCHELASTIC_RESTART_COUNT > 0) continues the folder that this job (run id + agent pid, written
+    to .owner) claimed; a folder that attempt 0 refused stays refused: a restart cannot fix that error."""
+    other, own = tmp_path / "other", tmp_path / "own"
+    assert train_main([*TINY, "-o", str(other), "--epochs", "1"]) == 0  # a finished run of someone else
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # attempt 0 was refused (exit 2), torchrun restarted
+    capsys.readouterr()
+    assert train_main([*TINY, "-o", str(other), "--epochs", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # this job's attempt 0 ...
+    assert train_main([*TINY, "-o", str(own), "--epochs", "2", "--resume", str(other / "last.pt")]) == 0
+    assert f"run job7 agent {os.getppid()} on " in (own / ".owner").read_text()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # ... restarted: its own newest checkpoint, not --resume's
+    capsys.readouterr()
+    assert train_main([*TINY, "-o", str(own), "--epochs", "3", "--resume", str(other / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {own / 'last.pt'}: 2 epochs" in out and f"resumed from {other}" not in out

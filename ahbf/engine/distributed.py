@@ -71,6 +71,15 @@ def any_rank(*flags: bool) -> list[bool]:
     return [v > 0 for v in t.tolist()]
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a small picklable value), in rank order; ``[obj]`` without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL.get("group"))
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier(group=_CONTROL.get("group"))

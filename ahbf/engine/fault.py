@@ -77,6 +77,25 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+OWNER = ".owner"  # the torchrun job that claimed the folder: a restart of that job (and only it) continues the run
+
+
+def job_id() -> str:
+    """This process's torchrun job: rendezvous id, host and the agent's pid (a worker's parent, alive across
+    restarts); "" outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"run {run_id} agent {os.getppid()} on {os.uname().nodename}" if run_id else ""
+
+
+def owned_by_this_job(folder: str) -> bool:
+    """Whether ``folder`` was claimed by this torchrun job (any of its nodes' agents), e.g. by attempt 0."""
+    try:
+        with open(os.path.join(folder, OWNER)) as f:
+            return bool(job_id()) and job_id() in f.read().splitlines()
+    except OSError:
+        return False
+
+
 def run_files(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if RUN_FILES.match(f)) if os.path.isdir(folder) else []
 
@@ -124,9 +143,10 @@ class FolderLock:
         self.release()
 
 
-def claim_folder(folder: str, *, resume: bool, overwrite: bool) -> tuple[FolderLock, list[str]]:
+def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str] = ()) -> tuple[FolderLock, list[str]]:
     """Lock ``folder`` for this run. A folder holding a run is refused (and left untouched) unless this run
-    resumes it, or ``overwrite`` deletes that run's files. Returns (lock, notes for the log)."""
+    resumes it, or ``overwrite`` deletes that run's files. ``owners``: the torchrun job's ``job_id`` on every
+    node, written to ``.owner`` once claimed. Returns (lock, notes for the log)."""
     found = run_files(folder)
     if found and not resume and not overwrite:
         raise RunFolderError(f"{folder} already holds a run ({', '.join(found[:4])}); continue it with --resume auto, "
@@ -140,6 +160,9 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool) -> tuple[FolderL
             os.remove(os.path.join(folder, f))
         if cleared:
             notes.append(f"--overwrite: deleted the previous run's {', '.join(cleared)}")
+    if any(owners):
+        with open(os.path.join(folder, OWNER), "w") as f:
+            f.write("".join(f"{o}\n" for o in sorted(set(owners))))
     stale = remove_temporaries(folder)
     if stale:
         notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")

@@ -26,9 +26,11 @@ from .checkpoint import (CheckpointError, ModelMismatchError, atomic_copy, check
                          set_rng_state)
 from .config import ConfigError, RunConfig
 from .compile import compile_model, timed
-from .distributed import DistEnv, all_reduce, any_rank, barrier, broadcast_buffers, convert_sync_batchnorm, default_threads, set_threads
+from .distributed import (DistEnv, all_gather, all_reduce, any_rank, barrier, broadcast_buffers, convert_sync_batchnorm,
+                          default_threads, set_threads)
 from .logging import EpochProgress, RunLogger, use_bars
-from .fault import Preempted, RunFolderError, StepControl, StopSignals, claim_folder, restart_count
+from .fault import (Preempted, RunFolderError, StepControl, StopSignals, claim_folder, job_id, owned_by_this_job,
+                    restart_count)
 from .meters import LossMeter, NonFiniteLossError
 from .optim import build_optimizer, set_lr
 from .plots import plot_curves
@@ -77,9 +79,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, recipe: str = ""):
         self.cfg, self.env, t = resolve(cfg, env.device), env, cfg.train
         self.recipe, self.auto_output = recipe, bool(t.name) or not t.output  # recipe: in force (cli); runs/latest
-        if restart_count() > 0 and not t.resume:
-            t.resume = "auto"  # a torchrun restart continues the first attempt's run (and finds its folder)
+        given = t.resume
+        if restart_count() > 0 and not given:
+            t.resume = "auto"  # tentatively: a torchrun restart finds the first attempt's folder
         t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
+        if restart_count() > 0:
+            t.resume = self._restart_resume(given)
         self.bars = use_bars(t.progress)
         set_threads(t.threads)  # before any work
         configure_determinism(t.deterministic)
@@ -135,12 +140,22 @@ class Trainer:
     def path(self, name: str) -> str:
         return os.path.join(self.cfg.train.output, name)
 
+    def _restart_resume(self, given: str) -> str:
+        """A torchrun restart continues its own run from the run folder's newest checkpoint, where this job
+        claimed the folder (``.owner``) and wrote one; otherwise what the command says, so a folder attempt 0
+        refused stays refused, and an explicit ``--resume PATH`` is used only until the run has its own."""
+        t = self.cfg.train
+        ours = self.env.is_main and owned_by_this_job(t.output) and bool(newest_first(self.path("last.pt")))
+        (ours,) = any_rank(ours)
+        return "auto" if ours else given
+
     def _claim_output(self):
         """Rank 0 locks the output folder (refusing one that holds another run); every rank learns the outcome."""
         t, lock, error, notes = self.cfg.train, None, None, []
+        owners = all_gather(job_id())  # the torchrun job's agents on every node: a restart of this job may resume
         if self.env.is_main:
             try:
-                lock, notes = claim_folder(t.output, resume=bool(t.resume), overwrite=t.overwrite)
+                lock, notes = claim_folder(t.output, resume=bool(t.resume), overwrite=t.overwrite, owners=owners)
             except (RunFolderError, OSError) as err:
                 error = err
         (failed,) = any_rank(error is not None)
