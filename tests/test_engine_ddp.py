@@ -36,3 +36,36 @@ def test_two_gloo_processes(tmp_path):
     assert ckpt["step"] == 2 * 4  # ceil(58 / 2 ranks / 8) = 4 steps per epoch
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(tmp_path))
+
+
+def _resume_rank(rank: int, port: int, out: str, steps: str) -> None:
+    """One of 2 Gloo ranks resuming ``out`` with --resume auto; rank 1 sees only ``last.1.pt`` (as after a
+    transient read error of last.pt on its node). Writes the step it resumed to ``steps/<rank>``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from ahbf.engine import distributed, trainer
+    from ahbf.engine.cli import _parse_train_args
+
+    if rank == 1:
+        original = trainer.newest_first
+        trainer.newest_first = lambda path: original(path)[1:]
+    cfg, _ = _parse_train_args([*TINY, "-o", out, "--resume", "auto", "train.threads=1"])
+    env = distributed.setup("cpu", 60)
+    try:
+        run = trainer.Trainer(cfg, env)
+        run.close()
+        with open(os.path.join(steps, str(rank)), "w") as f:
+            f.write(str(run.step))
+    finally:
+        distributed.teardown()
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
+    from ahbf.engine.cli import train_main
+
+    out = tmp_path / "run"
+    assert train_main([*TINY, "-o", str(out), "--epochs", "1", "--checkpoint-every", "3", "train.threads=1"]) == 0
+    assert [load_checkpoint(str(out / f))["step"] for f in ("last.pt", "last.1.pt")] == [8, 6]
+    (tmp_path / "steps").mkdir()
+    torch.multiprocessing.spawn(_resume_rank, args=(free_port(), str(out), str(tmp_path / "steps")), nprocs=2)
+    assert [(tmp_path / "steps" / r).read_text() for r in "01"] == ["8", "8"]

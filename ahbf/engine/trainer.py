@@ -176,16 +176,45 @@ class Trainer:
             self.lock = None
 
     def _maybe_resume(self) -> None:
+        """Rank 0 chooses the checkpoint (and loads it); every other rank loads the same file, and all check that
+        they resumed the same step (a rank that ran the fallback chain alone could take another file)."""
         path = self.cfg.train.resume
-        if path and path != "auto":
-            self.load(path)
-            return
         if not path:
             return
+        chosen, error = None, None
+        if self.env.is_main:
+            try:
+                chosen = self._choose_checkpoint(path)
+            except (CheckpointError, OSError) as err:
+                error = err
+        chosen, message, mismatch = all_gather((chosen, error and str(error), isinstance(error, ModelMismatchError)))[0]
+        if error is not None:
+            raise error
+        if message:
+            raise (ModelMismatchError if mismatch else CheckpointError)(f"rank 0: {message}")
+        if chosen is None:
+            return
+        failure = None
+        if not self.env.is_main:
+            try:
+                self.load(chosen, same_run=path == "auto")
+            except (CheckpointError, OSError) as err:
+                failure = err
+        steps = all_gather(None if failure else self.step)
+        if failure is not None:
+            raise failure
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"the ranks could not all resume from {chosen} (steps per rank: {steps})")
+
+    def _choose_checkpoint(self, path: str) -> str | None:
+        """Rank 0: load ``path``, or for ``auto`` the newest readable checkpoint of the run folder (None: none)."""
+        if path != "auto":
+            self.load(path)
+            return path
         chain, skipped = newest_first(self.path("last.pt")), []
         if not chain:
             self.log.info(f"resume=auto: no checkpoint in {self.cfg.train.output}; starting from scratch")
-            return
+            return None
         for candidate in chain:
             try:
                 self.load(candidate, same_run=True)
@@ -197,7 +226,7 @@ class Trainer:
                 continue
             if skipped:
                 self.log.info(f"warning: resumed from the previous good checkpoint {candidate}, not the newest")
-            return
+            return candidate
         raise CheckpointError(f"--resume auto: no usable checkpoint in {self.cfg.train.output}: {'; '.join(skipped)}")
 
     # ------------------------------------------------------------------------------------- the loop
