@@ -85,3 +85,17 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_without_corrupting_momentum
     assert torch.equal(p.detach(), torch.ones(3))
     amp.step((p * 2).sum())
     assert torch.isfinite(p).all() and (p < 1).all()
+
+
+def test_rng_state_saves_and_restores_the_run_device_not_the_current_one(monkeypatch):
+    """``--device cuda:1`` in one process (no set_device): cuda:1's generator, not cuda:0's (checked on CPU by
+    recording which device torch.cuda is asked for)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": asked.append(("get", str(device))) or
+                        torch.zeros(4, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": asked.append(("set", str(device))))
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    state = rng_state(torch.device("cuda:1"))
+    set_rng_state(state, torch.device("cuda:1"))
+    set_rng_state(state, torch.device("cpu"))  # a CPU resume of a GPU checkpoint leaves torch.cuda alone
+    assert asked == [("get", "cuda:1"), ("set", "cuda:1")]

@@ -361,7 +361,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.amp.state_dict(), "epoch": self.epoch,
                 "batch": self.batch, "step": self.step, "spec": dict(self.model.spec), "config": self.cfg.to_dict(),
-                "history": self.history, "best": self.best, "rng": rng_state(), "meter": self.meter.state_dict()}
+                "history": self.history, "best": self.best, "rng": rng_state(self.env.device), "meter": self.meter.state_dict()}
 
     def check_finite(self) -> None:
         """Every rank: stop (``NonFiniteLossError``) before a checkpoint would hold NaN / inf weights or state."""
@@ -407,7 +407,7 @@ class Trainer:
         self.history, self.best = list(ckpt["history"]), ckpt.get("best")
         if ckpt.get("meter") and self.batch:
             self.meter.load_state_dict(ckpt["meter"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.env.device)
         self.last_good = path
         self._load_best(os.path.join(os.path.dirname(path) or ".", "best.pt"))
         where = f" + {self.batch} batches of epoch {self.epoch + 1}" if self.batch else ""
