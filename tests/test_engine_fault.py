@@ -284,3 +284,25 @@ def test_a_torchrun_restart_resumes_only_its_own_run(tmp_path, monkeypatch, caps
     assert train_main([*TINY, "-o", str(own), "--epochs", "3", "--resume", str(other / "last.pt")]) == 0
     out = capsys.readouterr().out
     assert f"resumed from {own / 'last.pt'}: 2 epochs" in out and f"resumed from {other}" not in out
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_with_that_epochs_lr(tmp_path, reference, monkeypatch):
+    """A checkpoint at the last batch of an epoch resumes into an empty loop: its history row keeps the lr of the
+    epoch's last step (was 0.0) and reports no img/s (nan, was 0); the weights are still bitwise those of the
+    uninterrupted run."""
+    import csv
+    import math
+
+    from ahbf.engine.fault import StepControl
+
+    poll = StepControl.poll
+    monkeypatch.setattr(StepControl, "poll", lambda self, step: (True, True) if step == 8 else poll(self, step))
+    assert train_main([*TINY, "-o", str(tmp_path), "--checkpoint-every", "off"]) == PREEMPTED_EXIT
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 8, 8)
+    monkeypatch.setattr(StepControl, "poll", poll)
+    assert train_main([*TINY, "-o", str(tmp_path), "--resume", "auto", "--checkpoint-every", "off"]) == 0
+    assert_bitwise(weights(tmp_path / "last.pt"), reference)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert 0 < float(rows[0]["lr"]) < float(rows[1]["lr"])  # the 2-epoch warm-up: epoch 1 ends at half the peak
+    assert math.isnan(float(rows[0]["img_per_s"])) and float(rows[1]["img_per_s"]) > 0

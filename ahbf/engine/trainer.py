@@ -264,7 +264,8 @@ class Trainer:
         loader.set_epoch(epoch, first)
         progress = EpochProgress(epoch, t.epochs, len(loader), loader.num_samples * self.env.world_size,
                                  enabled=self.env.is_main, bars=self.bars, device=self.env.device)
-        start, lr, compile_s, untimed = time.perf_counter(), 0.0, None, 0
+        # lr of the epoch's last step so far: a checkpoint taken at its last batch resumes into an empty loop
+        start, lr, compile_s, untimed = time.perf_counter(), self.schedule(epoch, max(first - 1, 0)), None, 0
         for i, (x, y) in enumerate(progress.iterate(loader), start=first):
             if len(y) < 2:  # BatchNorm cannot train on one sample; every rank has the same count, so all skip it
                 if epoch == self.first_epoch:
@@ -291,9 +292,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         progress.close()
         self.epoch, self.batch = epoch + 1, 0
+        timed_images = progress.images - untimed * self.env.world_size  # none: no img/s to report (nan, not 0)
         return {"epoch": self.epoch, "step": self.step, "lr": lr, "kd_scale": self.task.kd_scale,
                 **{f"train_{k}": v for k, v in means.items()},
-                "img_per_s": (progress.images - untimed * self.env.world_size) / max(seconds, 1e-9),
+                "img_per_s": timed_images / max(seconds, 1e-9) if timed_images else float("nan"),
                 "epoch_s": seconds, "data_wait": progress.wait / max(seconds, 1e-9),
                 **({} if compile_s is None else {"compile_s": compile_s})}
 
