@@ -26,9 +26,9 @@ from .distributed import any_rank
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
 NONFINITE_EXIT = 3
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-RUN_FILES = re.compile(r"^(last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv)$")
-CLEARED_ON_OVERWRITE = re.compile(r"^(last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv|"
-                                  r"curves\.png|config\.yaml)$")
+_RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
+RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
+CLEARED_ON_OVERWRITE = re.compile(rf"^({_RUN_FILES}|curves\.png|config\.yaml)$")
 
 
 class RunFolderError(ValueError):
