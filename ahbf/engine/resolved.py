@@ -13,8 +13,8 @@ from ..kernels.okd import resolve_backend
 from ..pipelines import DataBundle
 from .config import RunConfig
 from .distributed import DistEnv
+from .precision import DTYPES
 
-LOGIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def optimizer_impl(optimizer: torch.optim.Optimizer) -> str:
@@ -38,7 +38,7 @@ def objective_backend(cfg: RunConfig, device: torch.device) -> str:
     """The backend ``okd_loss`` picks for this run's logits (device, autocast dtype, number of branches)."""
     if cfg.objective.backend != "auto":
         return cfg.objective.backend
-    dtype = LOGIT_DTYPES.get(cfg.train.precision, torch.float32)
+    dtype = DTYPES.get(cfg.train.precision) or torch.float32  # fp32: no autocast dtype
     z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
     return resolve_backend("auto", z)
 
