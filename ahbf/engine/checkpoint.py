@@ -12,7 +12,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,29 +28,32 @@ class CheckpointError(ValueError):
     """A missing, unreadable or incompatible checkpoint (reported as one line by the CLI)."""
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a crash)
-    never sees a half-written file."""
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then ``os.replace``: a reader (or a crash) never
+    sees a half-written file; the temporary file never outlives a failure."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _save_synced(obj: Any, tmp: str) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` (flushed to disk) that a reader or a crash never sees half-written."""
+    _atomic_write(path, lambda tmp: _save_synced(obj, tmp))
+
+
 def atomic_copy(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
