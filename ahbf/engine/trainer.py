@@ -363,7 +363,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.amp.state_dict(), "epoch": self.epoch,
                 "batch": self.batch, "step": self.step, "spec": dict(self.model.spec), "config": self.cfg.to_dict(),
-                "history": self.history, "best": self.best, "rng": rng_state(self.env.device), "meter": self.meter.state_dict()}
+                "history": self.history, "best": self.best, "rng": rng_state(self.env.device),
+                "meter": self.meter.state_dict()}
 
     def check_finite(self) -> None:
         """Every rank: stop (``NonFiniteLossError``) before a checkpoint would hold NaN / inf weights or state."""
