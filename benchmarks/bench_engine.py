@@ -80,7 +80,13 @@ MODELS: dict[str, ModelCase] = {
     "dml-r32": ModelCase("resnet32", "dml", 4, 0, 100, 64, 32, 32),
     "one-r32": ModelCase("resnet32", "one", 4, 0, 100, 64, 32, 32),
 }
-SMOKE = {"resnet32": "resnet8", "resnet18": "resnet18"}  # --smoke: tiny archs, 16 px, batch 4, K 10
+# the paper's other backbones (docs/models.md), AHBF at the SPEC default aux, CIFAR-100 shapes
+MODELS.update({
+    "ahbf-vgg16": ModelCase("vgg16", "ahbf", 4, 2, 100, 64, 32, 32),
+    "ahbf-densenet40": ModelCase("densenet40_k12", "ahbf", 4, 2, 100, 64, 32, 32),
+    "ahbf-mobilenetv2": ModelCase("mobilenetv2_x0_5", "ahbf", 4, 2, 100, 64, 32, 32),
+})
+SMOKE = {"resnet32": "resnet8", "resnet18": "resnet18"}  # --smoke: tiny archs, 16 px (32 px for VGG), batch 4, K 10
 
 
 @dataclass(frozen=True)
@@ -352,7 +358,8 @@ def run(models=("ahbf-r32-b64",), settings=DEFAULT_SETTINGS, data=("synthetic",)
     for model_name in models:
         case = MODELS[model_name]
         if smoke:
-            case = replace(case, arch=SMOKE[case.arch], classes=10, batch=4, size=16, cpu_size=16)
+            px = 32 if case.arch.startswith("vgg") else 16  # VGG's five poolings need 32 px
+            case = replace(case, arch=SMOKE.get(case.arch, case.arch), classes=10, batch=4, size=px, cpu_size=px)
         size = case.size if dev.type == "cuda" else case.cpu_size
         for source in data:
             rows += run_one(model_name, case, size, source, settings, env, threads, rounds, reps, warmup, profile)
