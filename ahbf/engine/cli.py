@@ -93,7 +93,7 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ahbf-train",
         description="Train a multi-branch network with online knowledge distillation (AHBF, ONE, DML or a plain "
-                    "baseline). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (about 40 s on "
+                    "baseline). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (about a minute on "
                     "2 free CPU cores). --dataset cifar10 | cifar100 | imagenet without -c applies that data set's "
                     "paper recipe (configs/<dataset>_resnet32_ahbf.yaml, imagenet_resnet18_ahbf.yaml); "
                     "flags override it.",

@@ -465,7 +465,7 @@ class Trainer:
         if self.history:
             plot_curves(self.history, self.path("curves.png"),
                         f"{c.model.method} {c.model.arch} x{c.model.num_branches} on {c.data.dataset}")
-        self.log.info(f"outputs in {c.train.output}/: {', '.join(sorted(os.listdir(c.train.output)))}")
+        self.log.info(f"outputs in {c.train.output}/: {', '.join(sorted(f for f in os.listdir(c.train.output) if not f.startswith('.')))}")
 
     def summary(self) -> str:
         """The start-up header: folder, recipe, model (trained and deployed sizes), data, schedule, machine."""
