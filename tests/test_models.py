@@ -3,8 +3,9 @@ import pytest
 import torch
 import torchvision
 
-from ahbf.kernels import build_graph, okd_objective_reference
+from ahbf.kernels import build_graph
 from ahbf.models import ARCHS, create_model, create_plain, export_target, target_state_dict
+from tests.utils import sgd_losses
 
 CIFAR = [a for a, s in ARCHS.items() if not s.imagenet]
 IMAGENET = [a for a, s in ARCHS.items() if s.imagenet]
@@ -100,15 +101,7 @@ def test_a_few_steps_reduce_the_loss():
     model = create_model("resnet8", "ahbf", num_classes=4, num_branches=3, aux=1)
     graph = build_graph("ahbf", 3)
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(8):
-        out = model(x)
-        loss, _ = okd_objective_reference(out.logits, out.scores, y, graph, T=3.0, kd_scale=0.75)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(model, x, y, graph, 0.05)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

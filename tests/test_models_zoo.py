@@ -11,6 +11,7 @@ from ahbf.models import create_model, create_plain, export_target, target_state_
 from ahbf.models import densenet, mobilenet, vgg
 from ahbf.models.reference import from_reference, load_reference
 from ahbf.models.registry import ARCHS, Arch, default_aux
+from tests.utils import sgd_losses
 
 ZOO = [a for a, s in ARCHS.items() if s.family != "resnet"]
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -143,15 +144,7 @@ def test_a_few_steps_reduce_the_loss(family, lr, batch):
     graph = build_graph("ahbf", 3)
     y = torch.arange(batch) % 4
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + y.view(-1, 1, 1, 1)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    losses = []
-    for _ in range(8):
-        out = model(x)
-        loss, _ = okd_objective_reference(out.logits, out.scores, y, graph, T=3.0, kd_scale=0.75)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(model, x, y, graph, lr)
     assert losses[-1] < 0.85 * losses[0], losses
 
 

@@ -15,3 +15,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
         idx = tuple(int(i) for i in torch.nonzero(err > bound)[0])
         raise AssertionError(f"{name}: {int((err > bound).sum())} of {err.numel()} elements differ; first at {idx}: "
                              f"{actual[idx].item():.8g} vs {expected[idx].item():.8g}; max abs err {err.max().item():.3g}")
+
+
+def sgd_losses(model, x: torch.Tensor, y: torch.Tensor, graph, lr: float, steps: int = 8) -> list[float]:
+    """The reference objective's loss at each of ``steps`` SGD (momentum 0.9) steps on one batch."""
+    from ahbf.kernels import okd_objective_reference
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        out = model(x)
+        loss, _ = okd_objective_reference(out.logits, out.scores, y, graph, T=3.0, kd_scale=0.75)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
