@@ -304,6 +304,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(stem: str, result: dict) -> None:
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes (CI)")
@@ -327,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (tempfile.mkdtemp(prefix="ahbf_gpu_suite_") if args.smoke else objective_table.RESULTS)
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
+    tag = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    stem = os.path.join(out_dir, f"{tag}-{datetime.date.today().isoformat()}")
     t_all = time.perf_counter()
     result = {"env": env, "smoke": args.smoke, "sections": {}}
     with tempfile.TemporaryDirectory(prefix="ahbf_gpu_suite_scratch_") as scratch:
@@ -345,16 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             if name == "engine" and sec["status"] == "missing":
                 print("  engine: MISSING (benchmarks/bench_engine.py not found)", flush=True)
             result["sections"][name] = sec
-    result["seconds"] = time.perf_counter() - t_all
+            result["seconds"] = time.perf_counter() - t_all
+            write(stem, result)  # after every section: a run cut off by a time limit keeps what it measured
     if not args.smoke and result["seconds"] > 600:
         print(f"gpu_suite: took {result['seconds']:.0f} s, over the 10-minute budget: trim the slowest section "
               f"({max(result['sections'], key=lambda n: result['sections'][n]['seconds'])})", flush=True)
-    tag = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    stem = os.path.join(out_dir, f"{tag}-{datetime.date.today().isoformat()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
     failed = [n for n, s in result["sections"].items() if s["status"] in ("error", "FAILED")]
     print(f"wrote {stem}.json and {stem}.md in {result['seconds']:.0f} s; "
           + (f"FAILED: {', '.join(failed)}" if failed else "all sections passed"
