@@ -6,6 +6,7 @@ setup(
     description="Fast online knowledge distillation with Adaptive Hierarchy-Branch Fusion (AHBF-OKD)",
     python_requires=">=3.10",
     packages=find_packages(include=["ahbf", "ahbf.*"]),
+    package_data={"ahbf": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",

@@ -31,3 +31,12 @@ def sgd_losses(model, x: torch.Tensor, y: torch.Tensor, graph, lr: float, steps:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def method_resolved(cfg):
+    """``cfg`` (a RunConfig) with its method-dependent ``auto`` values (aux, kd_weight, ramp, detach) resolved."""
+    from ahbf.engine.task import resolve_model, resolve_objective
+
+    cfg.model = resolve_model(cfg.model)
+    cfg.objective = resolve_objective(cfg.objective, cfg.model.method)
+    return cfg

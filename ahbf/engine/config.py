@@ -421,16 +421,21 @@ def parse_interval(text: str) -> tuple[str, float]:
 def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -> RunConfig:
     """Defaults, then YAML files in order, then (key, value) overrides in order; validated.
 
-    Without files, a ``data.dataset`` override that has a recipe (``ahbf.engine.recipes``) applies that
-    data set's paper values first, so the digits demo's defaults do not leak into it."""
-    from .recipes import RECIPES, chosen_recipe
+    Without files, a ``data.dataset`` override that has a recipe (``ahbf/recipes/<dataset>.yaml``) applies that
+    data set's paper values first, so the digits demo's defaults do not leak into it; a file with a top-level
+    ``recipe: <dataset>`` key starts from that recipe (``configs/*.yaml`` are such overlays)."""
+    from .recipes import chosen_recipe, recipe_values
 
     cfg = RunConfig()
     recipe = chosen_recipe(files, overrides)
     if recipe:
-        merge_dict(cfg, RECIPES[recipe].values, source=f"recipe {recipe}")
+        merge_dict(cfg, recipe_values(recipe), source=f"recipe {recipe}")
     for path in files:
-        merge_dict(cfg, load_yaml(path), source=path)
+        data = load_yaml(path)
+        if isinstance(data, dict) and "recipe" in data:  # an overlay: the data set's recipe first, then the file
+            data = dict(data)
+            merge_dict(cfg, recipe_values(str(data.pop("recipe")), source=path), source=path)
+        merge_dict(cfg, data, source=path)
     for key, value in overrides:
         set_value(cfg, key, value)
     return validate(cfg)

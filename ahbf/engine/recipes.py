@@ -1,48 +1,40 @@
-"""Per-dataset recipes: what ``--dataset X`` without a ``-c`` file applies under the flags.
+"""Per-dataset recipes: the base values of a data set, one YAML file each in ``ahbf/recipes/``.
 
-The built-in defaults are the digits demo (16 px, cosine schedule with warm-up, 30 epochs); they must
-not leak into a real data set. Each recipe holds the data, model, schedule, optimiser and length values
-of that data set's paper config (``source``: a test keeps them equal). Method-dependent values
-(kd_weight, ramp, detach_teacher, aux) stay ``auto`` and resolve per method as in those configs.
+``--dataset X`` without a ``-c`` file applies recipe X under the flags, and a config file starts from
+one with a top-level ``recipe: X`` key (``configs/*.yaml`` are such small overlays). The built-in
+defaults are the digits demo (16 px, cosine schedule with warm-up, 30 epochs); a recipe keeps them
+from leaking into a real data set. Method-dependent values (kd_weight, ramp, detach_teacher, aux)
+stay ``auto`` and resolve per method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
 from typing import Any, Iterable
 
+import yaml
 
-@dataclass(frozen=True)
-class Recipe:
-    source: str
-    """the config file in the repository whose values this recipe carries"""
-    values: dict[str, dict[str, Any]]
+FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+NAMES = tuple(sorted(f[:-5] for f in os.listdir(FOLDER) if f.endswith(".yaml")))
 
 
-def _cifar(dataset: str) -> Recipe:
-    return Recipe(f"configs/{dataset}_resnet32_ahbf.yaml", {
-        "data": {"dataset": dataset, "root": f"data/{dataset}", "batch_size": 128, "eval_batch_size": 500,
-                 "workers": 4, "image_size": 0, "val_fraction": 0.0},
-        "model": {"arch": "resnet32"},
-        "objective": {"rampup": 240.0, "backend": "auto"},
-        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "schedule": {"name": "multistep", "milestones": [150, 225], "gamma": 0.1, "warmup_epochs": 0.0, "min_lr": 0.0},
-        "train": {"epochs": 300, "log_interval": 50},
-    })
+def path(name: str) -> str:
+    return os.path.join(FOLDER, f"{name}.yaml")
 
 
-RECIPES: dict[str, Recipe] = {
-    "cifar10": _cifar("cifar10"),
-    "cifar100": _cifar("cifar100"),
-    "imagenet": Recipe("configs/imagenet_resnet18_ahbf.yaml", {
-        "data": {"dataset": "imagenet", "root": "data/imagenet", "batch_size": 256, "eval_batch_size": 256,
-                 "workers": 8, "image_size": 224, "val_fraction": 0.0},
-        "model": {"arch": "resnet18"},
-        "objective": {"rampup": 72.0, "backend": "auto"},
-        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-        "schedule": {"name": "multistep", "milestones": [30, 60], "gamma": 0.1, "warmup_epochs": 0.0, "min_lr": 0.0},
-        "train": {"epochs": 90, "log_interval": 100},
-    }),
-}
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> str:
+    with open(path(name)) as f:
+        return f.read()
+
+
+def recipe_values(name: str, source: str = "config") -> dict[str, dict[str, Any]]:
+    """The values of recipe ``name`` (a fresh copy); a one-line error naming the known recipes otherwise."""
+    from .config import ConfigError
+
+    if name not in NAMES:
+        raise ConfigError(f"{source}: unknown recipe {name!r}; choose from {', '.join(NAMES)}")
+    return yaml.safe_load(_load(name))
 
 
 def chosen_recipe(files: Iterable[str], overrides: Iterable[tuple[str, Any]]) -> str:
@@ -53,9 +45,9 @@ def chosen_recipe(files: Iterable[str], overrides: Iterable[tuple[str, Any]]) ->
     for key, value in overrides:
         if key == "data.dataset":
             dataset = str(value)
-    return dataset if dataset in RECIPES else ""
+    return dataset if dataset in NAMES else ""
 
 
 def describe(name: str) -> str:
     """The header line saying which recipe is in force."""
-    return f"recipe: {name} (the values of {RECIPES[name].source}; flags and key=value override them)"
+    return f"recipe: {name} (the values of ahbf/recipes/{name}.yaml; flags and key=value override them)"
