@@ -113,7 +113,7 @@ def test_values_are_coerced_and_checked():
         parse_override("epochs")
 
 
-@pytest.mark.parametrize("doc", ["docs/training.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/training.md"])
 def test_docs_config_reference_is_current(doc):
     from ahbf.engine.config import reference_markdown
 

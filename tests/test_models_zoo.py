@@ -14,7 +14,7 @@ from ahbf.models.registry import ARCHS, Arch, default_aux
 from tests.utils import sgd_losses
 
 ZOO = [a for a, s in ARCHS.items() if s.family != "resnet"]
-README = Path(__file__).resolve().parents[1] / "README.md"
+API = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 ASSETS = Path(__file__).resolve().parent / "assets"
 # tiny members of each family, for the training-path checks (the registered ones are 0.6M - 68M parameters)
 TINY = {"vgg": Arch("conv", (1, 1, 1, 1, 1), False, "vgg"),
@@ -183,10 +183,10 @@ def test_torch_compile_tiny_densenet():
     sum(z.sum() for z in out.logits).backward()
 
 
-def test_readme_zoo_table_matches_models():
+def test_api_zoo_table_matches_models():
     rows = re.findall(r"^\| ((?:vgg|densenet|mobilenetv2)\w+) \| (\d+) \| (\w+) \| (\d+) \| ([\d,]+) \| ([\d,]+) \|$",
-                      README.read_text(), flags=re.M)
-    assert {r[0] for r in rows} == set(ZOO), "README's model-zoo table lost a family member"
+                      API.read_text(), flags=re.M)
+    assert {r[0] for r in rows} == set(ZOO), "docs/api.md's model-zoo table lost a family member"
 
     def count(arch, method, k):
         with torch.device("meta"):
