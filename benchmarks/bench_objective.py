@@ -10,13 +10,10 @@ the side-by-side table script. Not collected by the default test run (file name 
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from objective_table import make_case, make_step  # noqa: E402
 

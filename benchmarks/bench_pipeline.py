@@ -27,8 +27,6 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.pipelines.dali import DaliFolderLoader, dali_available  # noqa: E402
 from machine import cpu_name  # noqa: E402

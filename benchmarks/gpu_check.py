@@ -27,8 +27,6 @@ CUDA = torch.cuda.is_available()
 if "--interpret" in sys.argv[1:] and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lazily, by the op)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ahbf.kernels import ahbf_graph, dml_graph, okd_loss, okd_objective_reference, one_graph  # noqa: E402
 

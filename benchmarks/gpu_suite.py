@@ -45,8 +45,6 @@ if SMOKE and "triton" not in sys.modules:
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import gpu_check  # noqa: E402
 import objective_table  # noqa: E402

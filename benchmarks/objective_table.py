@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ahbf.kernels import DistillGraph, build_graph, okd_loss  # noqa: E402
 from machine import cpu_name  # noqa: E402

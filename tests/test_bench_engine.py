@@ -1,17 +1,12 @@
 """benchmarks/bench_engine.py: its paper-style baseline objective is the objective, and --smoke runs every part."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-from bench_engine import LABELS, markdown, machine, paper_objective, run  # noqa: E402
-from ahbf.kernels import build_graph  # noqa: E402
-from ahbf.kernels.reference import okd_objective_reference  # noqa: E402
+from bench_engine import LABELS, markdown, machine, paper_objective, run
+from ahbf.kernels import build_graph
+from ahbf.kernels.reference import okd_objective_reference
 
 
 @pytest.mark.parametrize("method, kd_scale", [("ahbf", 0.75), ("one", 1.0), ("dml", 1.0)])

@@ -50,12 +50,13 @@ def test_gpu_scripts_fail_without_a_gpu(script):
 def test_kernel_compiles_for_sm90_with_vector_loads_at_k1000():
     """Ahead of time, no GPU: K = 1000 rows are provably 32-byte aligned (K = K_units * 8), so the logits
     are read and the gradients written with 128-bit accesses, one per branch; K = 1003 cannot be."""
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import kernel_registers as kr\n"
+    code = ("import kernel_registers as kr\n"
             "for K in (1000, 1003):\n"
             "    r = kr.sm90_resources('ahbf', 4, 'fp32', K, None, None, 1)\n"
             "    print(K, r['vector_loads'], r['vector_stores'], r['spill_stores'])\n")
     env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT / "benchmarks")
     assert done.returncode == 0, done.stderr[-2000:]
     out = {int(line.split()[0]): [int(v) for v in line.split()[1:]] for line in done.stdout.strip().splitlines()}
     assert out[1000][0] >= 4 and out[1000][1] >= 4 and out[1000][2] == 0
