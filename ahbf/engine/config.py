@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from ..kernels.okd import BACKENDS
-from ..models import ARCHS, METHODS
+from ..methods import METHODS
+from ..models import ARCHS
 from ..pipelines import DataConfig
 
 
@@ -32,9 +33,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet8"
-    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
+    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet40_k12/100_k12/100_k40, mobilenetv2_x0_5 (docs/models.md)"""
     method: str = "ahbf"
-    """online-KD method: ahbf | one | dml | baseline (a plain single network)"""
+    """online-KD method (the records of ahbf/methods.py, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"
@@ -46,17 +47,17 @@ class ObjectiveConfig:
     T: float = 3.0
     """distillation temperature"""
     kd_weight: float | str = "auto"
-    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight, >= 0); auto = 1.5 for ahbf, 1.0 otherwise"""
+    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight, >= 0); auto = the method's default (docs/methods.md table: 1.5 for ahbf)"""
     lambda1: float = 1.0
     """AHBF: weight of the ensemble-KD (TA) terms L_ekd"""
     lambda2: float = 1.0
     """AHBF: weight of the branch-to-branch terms L_dkd"""
     ramp: str = "auto"
-    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | consistency (exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf; consistency for cl_ilr, okddip, pcl; else constant)"""
+    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | consistency (exp(-5(1-e/R)^2)) | constant (1) | auto (the method's default, docs/methods.md table)"""
     rampup: float = 24.0
     """ramp-up length R in epochs of the sigmoid / consistency ramp (AHBF paper: 240 of 300; OKDDip code: 80); 0 = no ramp (0.5 / 1 from the start)"""
     detach_teacher: bool | str = "auto"
-    """stop gradients into the teacher side of KL terms: true | false | auto (as each method's public code: ahbf, cl_ilr, okddip false; one, dml, kdcl, pcl true)"""
+    """stop gradients into the teacher side of KL terms: true | false | auto (as the method's public code, docs/methods.md table)"""
     kdcl_target: str = "minlogit"
     """KDCL soft target: minlogit (min over peers of z - z_label) | naive (the peers' mean logits)"""
     ema_decay: float = 0.999
@@ -390,8 +391,9 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         if value != "auto" and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
                               else f"{key} must be >= {low}, got {value}")
-    if cfg.model.method != "baseline" and cfg.model.num_branches < 2:
-        raise ConfigError(f"model.num_branches must be >= 2 for {cfg.model.method}, got {cfg.model.num_branches}")
+    low = METHODS[cfg.model.method].min_branches
+    if cfg.model.num_branches < low:
+        raise ConfigError(f"model.num_branches must be >= {low} for {cfg.model.method}, got {cfg.model.num_branches}")
     if not 0 <= cfg.schedule.min_lr <= cfg.optim.lr:
         raise ConfigError(f"schedule.min_lr must be in [0, optim.lr = {cfg.optim.lr}], got {cfg.schedule.min_lr}")
     if any(m < 0 for m in cfg.schedule.milestones):

@@ -15,11 +15,12 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from ..kernels import all_node_logits, build_graph
-from ..kernels.graph import DEFAULT_DETACH, DistillGraph
+from ..kernels import all_node_logits
+from ..kernels.graph import DistillGraph
 from ..kernels.analytic import TRITON_MAX_BRANCHES
 from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.reference import minlogit_target
+from ..methods import PLAIN, get_method
 from ..models import default_aux
 from .config import ConfigError, ModelConfig, ObjectiveConfig
 from .schedules import kd_ramp
@@ -28,33 +29,25 @@ from .schedules import kd_ramp
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Fill the 'SPEC default' values of the model config."""
     aux = default_aux(cfg.arch, cfg.method) if cfg.aux in ("auto", -1) else cfg.aux
-    branches = 1 if cfg.method == "baseline" else cfg.num_branches
+    branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
     return dataclasses.replace(cfg, aux=aux, num_branches=branches)
 
 
-DEFAULT_RAMP = {"ahbf": "sigmoid", "cl_ilr": "consistency", "okddip": "consistency", "pcl": "consistency"}
-
-
 def resolve_objective(cfg: ObjectiveConfig, method: str) -> ObjectiveConfig:
-    """Fill the method-dependent 'auto' values of the objective config."""
-    ahbf = method == "ahbf"
+    """Fill the method-dependent 'auto' values of the objective config from the method's record."""
+    m = get_method(method)
     return dataclasses.replace(
         cfg,
-        kd_weight=(1.5 if ahbf else 1.0) if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
-        ramp=DEFAULT_RAMP.get(method, "constant") if cfg.ramp == "auto" else cfg.ramp,
-        detach_teacher=DEFAULT_DETACH.get(method, True) if cfg.detach_teacher == "auto" else cfg.detach_teacher)
+        kd_weight=m.kd_weight if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
+        ramp=m.ramp if cfg.ramp == "auto" else cfg.ramp,
+        detach_teacher=m.detach if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:
-    kw = {}
-    if method != "baseline":
-        kw["detach_teacher"] = resolve_objective(cfg, method).detach_teacher is True
-    if method == "ahbf":
-        kw.update(lambda1=cfg.lambda1, lambda2=cfg.lambda2)
-    if method == "kdcl":
-        kw["variant"] = cfg.kdcl_target
-    return build_graph(method, num_branches, **kw)
-
+    """The method's graph: its constructor with the config values its record names (``Method.options``)."""
+    m = get_method(method)
+    kw = {arg: getattr(cfg, key) for arg, key in m.options}
+    return m.graph(num_branches, detach_teacher=resolve_objective(cfg, method).detach_teacher is True, **kw)
 
 
 def objective_fn(backend: str) -> Callable:

@@ -124,8 +124,8 @@ def dml_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
     return DistillGraph("dml", M, (), tuple(range(M)), edges)
 
 
-def baseline_graph() -> DistillGraph:
-    """A plain network: cross-entropy on its one output."""
+def baseline_graph(num_branches: int = 1, detach_teacher: bool = True) -> DistillGraph:
+    """A plain network: cross-entropy on its one output (the arguments are ignored: one output, no KL edges)."""
     return DistillGraph("baseline", 1, (), (0,), ())
 
 
@@ -207,16 +207,8 @@ def pcl_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
     return DistillGraph("pcl", 2 * M + 1, tuple(ensembles), tuple(range(M + 1)), edges, names)
 
 
-GRAPHS = {"ahbf": ahbf_graph, "one": one_graph, "dml": dml_graph, "cl_ilr": cl_ilr_graph, "okddip": okddip_graph,
-          "kdcl": kdcl_graph, "pcl": pcl_graph}
-# the teacher side each method's public code uses when objective.detach_teacher = auto
-DEFAULT_DETACH = {"ahbf": False, "one": True, "dml": True, "cl_ilr": False, "okddip": False, "kdcl": True, "pcl": True}
-
-
 def build_graph(method: str, num_branches: int, **kwargs) -> DistillGraph:
-    """Graph for ``method`` (a key of ``GRAPHS``, or ``baseline``); kwargs go to the constructor."""
-    if method == "baseline":
-        return baseline_graph()
-    if method not in GRAPHS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted([*GRAPHS, 'baseline'])}")
-    return GRAPHS[method](num_branches, **kwargs)
+    """Graph for ``method`` (a name of ``ahbf.methods.METHODS``); kwargs go to its constructor."""
+    from ..methods import get_method  # the method table imports the constructors above
+
+    return get_method(method).graph(num_branches, **kwargs)
