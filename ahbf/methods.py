@@ -35,6 +35,8 @@ class Method:
     """the teacher side under ``objective.detach_teacher = auto`` (stop gradients into the teacher of each KL)"""
     ramp: str
     """the KD ramp under ``objective.ramp = auto``: sigmoid | consistency | constant"""
+    rampup: float
+    """``objective.rampup`` under ``auto``, as a fraction of ``train.epochs`` (the public script's R / its epochs)"""
     kd_weight: float
     """``objective.kd_weight`` under ``auto``"""
     model: str
@@ -50,22 +52,26 @@ class Method:
 
 
 _RESNETS = ("resnet",)
+_AHBF_R = 240 / 300  # the AHBF script: R = 240 of 300 epochs (also used where the ramp is constant: moot)
+_SCRIPT_R = 80 / 300  # ONE's cifar_one.py, the OKDDip scripts, the PCL reproduction: R = 80 of 300 epochs
 _TABLE = (  # in the order of the comparison tables: the baseline first, AHBF last
-    Method("baseline", "Baseline", baseline_graph, True, "constant", 1.0, PLAIN, ALL_FAMILIES, 1,
+    Method("baseline", "Baseline", baseline_graph, True, "constant", _AHBF_R, 1.0, PLAIN, ALL_FAMILIES, 1,
            description="a plain single network, cross-entropy only"),
-    Method("dml", "DML", dml_graph, True, "constant", 1.0, PEERS, ALL_FAMILIES, 2,
+    Method("dml", "DML", dml_graph, True, "constant", _AHBF_R, 1.0, PEERS, ALL_FAMILIES, 2,
            description="M independent networks, each distils from the mean of the KLs to the others"),
-    Method("one", "ONE", one_graph, True, "constant", 1.0, MULTI_BRANCH, ALL_FAMILIES, 2,
+    Method("one", "ONE", one_graph, True, "consistency", _SCRIPT_R, 1.0, MULTI_BRANCH, ALL_FAMILIES, 2,
            description="identical branches on a shared trunk; every branch distils from their gated ensemble"),
-    Method("cl_ilr", "CL-ILR", cl_ilr_graph, False, "consistency", 1.0, MULTI_BRANCH, _RESNETS, 2,
+    Method("cl_ilr", "CL-ILR", cl_ilr_graph, False, "consistency", _SCRIPT_R, 1.0, MULTI_BRANCH, _RESNETS, 2,
            description="identical branches, 1/M trunk gradient; each distils from the mean of the others' logits"),
-    Method("okddip", "OKDDip", okddip_graph, False, "consistency", 1.0, MULTI_BRANCH, _RESNETS, 3,
+    Method("okddip", "OKDDip", okddip_graph, False, "consistency", _SCRIPT_R, 1.0, MULTI_BRANCH, _RESNETS, 3,
            description="a leader and M-1 peers; each peer distils from its own attention ensemble of the peers"),
-    Method("kdcl", "KDCL", kdcl_graph, True, "constant", 1.0, PEERS, _RESNETS, 2, (("variant", "kdcl_target"),),
+    Method("kdcl", "KDCL", kdcl_graph, True, "constant", _AHBF_R, 1.0, PEERS, _RESNETS, 2,
+           (("variant", "kdcl_target"),),
            description="M independent networks distil from one soft target built from all (MinLogit)"),
-    Method("pcl", "PCL", pcl_graph, True, "consistency", 1.0, TEMPORAL_MEAN, _RESNETS, 2,
+    Method("pcl", "PCL", pcl_graph, True, "consistency", _SCRIPT_R, 1.0, TEMPORAL_MEAN, _RESNETS, 2,
+           (("target", "pcl_target"),),
            description="branches + a peer-ensemble head + their temporal mean (EMA) network as peer teachers"),
-    Method("ahbf", "AHBF", ahbf_graph, False, "sigmoid", 1.5, MULTI_BRANCH, ALL_FAMILIES, 2,
+    Method("ahbf", "AHBF", ahbf_graph, False, "sigmoid", _AHBF_R, 1.5, MULTI_BRANCH, ALL_FAMILIES, 2,
            (("lambda1", "lambda1"), ("lambda2", "lambda2")),
            description="branches of increasing depth, recursively fused into a ladder of teacher assistants"),
 )
@@ -87,11 +93,11 @@ def methods_for(family: str) -> list[str]:
 
 def methods_markdown() -> str:
     """The method table as Markdown (docs/methods.md embeds it; a test keeps it current)."""
-    lines = ["| `--method` | name | model | families | branches | ramp (auto) | teacher (auto) | kd_weight (auto) | what |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| `--method` | name | model | families | branches | ramp (auto) | rampup (auto) | teacher (auto) "
+             "| kd_weight (auto) | what |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in _TABLE:
         teacher = "(no KL)" if m.model == PLAIN else "detached" if m.detach else "not detached"
         branches = "1" if m.model == PLAIN else f">= {m.min_branches}"
         lines.append(f"| `{m.name}` | {m.label} | {m.model} | {', '.join(m.families)} | {branches} | "
-                     f"{m.ramp} | {teacher} | {m.kd_weight:g} | {m.description} |")
+                     f"{m.ramp} | {m.rampup * 300:g} of 300 epochs | {teacher} | {m.kd_weight:g} | {m.description} |")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 The built-in defaults are the digits demo (16 px, cosine schedule with warm-up, 30 epochs); they must
 not leak into a real data set. Each recipe holds the data, model, schedule, optimiser and length values
 of that data set's paper config (``source``: a test keeps them equal). Method-dependent values
-(kd_weight, ramp, detach_teacher, aux) stay ``auto`` and resolve per method as in those configs.
+(kd_weight, ramp, rampup, detach_teacher, aux) stay ``auto`` and resolve per method (ahbf/methods.py; the
+rampup as the method's fraction of train.epochs: AHBF's 240 of 300 and 72 of 90, as in those configs).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _cifar(dataset: str) -> Recipe:
         "data": {"dataset": dataset, "root": f"data/{dataset}", "batch_size": 128, "eval_batch_size": 500,
                  "workers": 4, "image_size": 0, "val_fraction": 0.0},
         "model": {"arch": "resnet32"},
-        "objective": {"rampup": 240.0, "backend": "auto"},
+        "objective": {"backend": "auto"},
         "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "schedule": {"name": "multistep", "milestones": [150, 225], "gamma": 0.1, "warmup_epochs": 0.0, "min_lr": 0.0},
         "train": {"epochs": 300, "log_interval": 50},
@@ -37,7 +38,7 @@ RECIPES: dict[str, Recipe] = {
         "data": {"dataset": "imagenet", "root": "data/imagenet", "batch_size": 256, "eval_batch_size": 256,
                  "workers": 8, "image_size": 224, "val_fraction": 0.0},
         "model": {"arch": "resnet18"},
-        "objective": {"rampup": 72.0, "backend": "auto"},
+        "objective": {"backend": "auto"},
         "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
         "schedule": {"name": "multistep", "milestones": [30, 60], "gamma": 0.1, "warmup_epochs": 0.0, "min_lr": 0.0},
         "train": {"epochs": 90, "log_interval": 100},

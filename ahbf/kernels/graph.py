@@ -191,19 +191,26 @@ def kdcl_graph(num_branches: int, detach_teacher: bool = True, variant: str = "m
     raise ValueError(f"kdcl variant: unknown value {variant!r}; choose from minlogit, naive")
 
 
-def pcl_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
+def pcl_graph(num_branches: int, detach_teacher: bool = True, target: str = "mean_logits") -> DistillGraph:
     """PCL (Wu & Gong 2021). Inputs: M peers, the peer-ensemble head (node M), the M temporal-mean (EMA)
     peers (nodes M+1..2M, constants from the model). CE on the peers and the head; each peer distils from
-    the head (L_pe) and from the mean of the other peers' EMA logits (L_pm, the peer mean teacher)."""
+    the head (L_pe) and from the other peers' EMA logits (L_pm, the peer mean teacher): ``mean_logits``,
+    one KL to the mean of their logits; ``mean_kl``, the mean of one KL to each (the public reproduction)."""
     M = num_branches
     _check_branches("pcl", M, 2)
+    if target not in ("mean_logits", "mean_kl"):
+        raise ValueError(f"pcl target: unknown value {target!r}; choose from mean_logits, mean_kl")
     ema = [M + 1 + i for i in range(M)]
+    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
+    names = branch_names(M) + ("peer_ensemble",) + tuple(f"ema_branch{i}" for i in range(M))
+    if target == "mean_kl":
+        w = 1.0 / (M - 1)
+        edges += tuple(KLEdge(i, ema[j], w, True) for i in range(M) for j in range(M) if j != i)
+        return DistillGraph("pcl", 2 * M + 1, (), tuple(range(M + 1)), edges, names)
     ensembles: list[Ensemble] = []
     teachers = [_mean_node(tuple(ema[j] for j in range(M) if j != i), ensembles, 2 * M + 1) for i in range(M)]
-    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
     edges += tuple(KLEdge(i, t, 1.0, True) for i, t in enumerate(teachers))
-    names = (branch_names(M) + ("peer_ensemble",) + tuple(f"ema_branch{i}" for i in range(M))
-             + tuple(f"peer_mean_teacher{i}" for i in range(M) if teachers[i] > 2 * M))
+    names += tuple(f"peer_mean_teacher{i}" for i in range(M) if teachers[i] > 2 * M)
     return DistillGraph("pcl", 2 * M + 1, tuple(ensembles), tuple(range(M + 1)), edges, names)
 
 
