@@ -51,13 +51,13 @@ from ahbf.engine.config import build_config  # noqa: E402
 from ahbf.engine.distributed import DistEnv  # noqa: E402
 from ahbf.engine.schedules import LRSchedule  # noqa: E402
 from ahbf.engine.trainer import Trainer  # noqa: E402
+from ahbf.methods import METHODS as TABLE  # noqa: E402
 from ahbf.pipelines import DataBundle, DeviceTensorLoader  # noqa: E402
 from ahbf.pipelines.sources import STATS, digits_arrays  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("baseline", "dml", "one", "cl_ilr", "okddip", "kdcl", "pcl", "ahbf")
-LABELS = {"baseline": "Baseline", "dml": "DML", "one": "ONE", "cl_ilr": "CL-ILR", "okddip": "OKDDip", "kdcl": "KDCL",
-          "pcl": "PCL", "ahbf": "AHBF"}
+METHODS = tuple(TABLE)  # the comparison's order: ahbf.methods lists the baseline first, AHBF last
+LABELS = {name: m.label for name, m in TABLE.items()}
 COLORS = {"baseline": "tab:gray", "dml": "tab:blue", "one": "tab:orange", "cl_ilr": "tab:purple", "okddip": "tab:brown",
           "kdcl": "tab:pink", "pcl": "tab:olive", "ahbf": "tab:green"}
 

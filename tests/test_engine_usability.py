@@ -113,7 +113,7 @@ def test_latest_link_moves_and_never_replaces_a_real_folder(tmp_path):
 def comparable(cfg: RunConfig) -> dict:
     """The resolved values of a config, without where it writes."""
     cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method)
+    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
     data = cfg.to_dict()
     del data["train"]["output"], data["train"]["name"]
     return data
@@ -136,7 +136,7 @@ def test_cifar100_flag_has_the_paper_data_and_schedule():
     cfg = build_config(overrides=[("data.dataset", "cifar100")]).to_dict()
     for section in ("data", "schedule", "optim"):
         assert cfg[section] == paper[section], section
-    assert (cfg["train"]["epochs"], cfg["model"]["arch"], cfg["objective"]["rampup"]) == (300, "resnet32", 240.0)
+    assert (cfg["train"]["epochs"], cfg["model"]["arch"], cfg["objective"]["rampup"]) == (300, "resnet32", "auto")
 
 
 def test_recipe_applies_only_without_a_config_file_and_under_the_flags():

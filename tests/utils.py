@@ -34,9 +34,9 @@ def sgd_losses(model, x: torch.Tensor, y: torch.Tensor, graph, lr: float, steps:
 
 
 def method_resolved(cfg):
-    """``cfg`` (a RunConfig) with its method-dependent ``auto`` values (aux, kd_weight, ramp, detach) resolved."""
+    """``cfg`` (a RunConfig) with its method-dependent ``auto`` values (aux, kd_weight, ramp, rampup, detach) resolved."""
     from ahbf.engine.task import resolve_model, resolve_objective
 
     cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method)
+    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
     return cfg

@@ -92,8 +92,8 @@ def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], ke
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ahbf-train",
-        description="Train a multi-branch network with online knowledge distillation (AHBF, ONE, DML or a plain "
-                    "baseline). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (about a minute on "
+        description="Train a network with online knowledge distillation (--method: AHBF or a peer method, "
+                    "docs/methods.md; baseline: a plain network). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (about a minute on "
                     "2 free CPU cores). --dataset cifar10 | cifar100 | imagenet without -c applies that data set's "
                     "paper recipe (configs/<dataset>_resnet32_ahbf.yaml, imagenet_resnet18_ahbf.yaml); "
                     "flags override it.",

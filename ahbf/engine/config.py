@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from ..kernels.okd import BACKENDS
-from ..models import ARCHS, METHODS
+from ..methods import METHODS
+from ..models import ARCHS
 from ..pipelines import DataConfig
 
 
@@ -32,9 +33,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet8"
-    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
+    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet40_k12/100_k12/100_k40, mobilenetv2_x0_5 (docs/models.md)"""
     method: str = "ahbf"
-    """online-KD method: ahbf | one | dml | baseline (a plain single network)"""
+    """online-KD method (the records of ahbf/methods.py, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"
@@ -46,21 +47,27 @@ class ObjectiveConfig:
     T: float = 3.0
     """distillation temperature"""
     kd_weight: float | str = "auto"
-    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight, >= 0); auto = 1.5 for ahbf, 1.0 otherwise"""
+    """weight of the KD terms (kd_scale = ramp(epoch) * kd_weight, >= 0); auto = the method's default (docs/methods.md table: 1.5 for ahbf)"""
     lambda1: float = 1.0
     """AHBF: weight of the ensemble-KD (TA) terms L_ekd"""
     lambda2: float = 1.0
     """AHBF: weight of the branch-to-branch terms L_dkd"""
     ramp: str = "auto"
-    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | consistency (exp(-5(1-e/R)^2)) | constant (1) | auto (sigmoid for ahbf; consistency for cl_ilr, okddip, pcl; else constant)"""
-    rampup: float = 24.0
-    """ramp-up length R in epochs of the sigmoid / consistency ramp (AHBF paper: 240 of 300; OKDDip code: 80); 0 = no ramp (0.5 / 1 from the start)"""
+    """KD weight ramp: sigmoid (0.5*exp(-5(1-e/R)^2)) | consistency (exp(-5(1-e/R)^2)) | constant (1) | auto (the method's default, docs/methods.md table)"""
+    rampup: float | str = "auto"
+    """ramp-up length R in epochs of the sigmoid / consistency ramp; 0 = no ramp (0.5 / 1 from the start); auto = the method's fraction of train.epochs (docs/methods.md table: AHBF 240 of 300, ONE / CL-ILR / OKDDip / PCL 80 of 300)"""
     detach_teacher: bool | str = "auto"
-    """stop gradients into the teacher side of KL terms: true | false | auto (as each method's public code: ahbf, cl_ilr, okddip false; one, dml, kdcl, pcl true)"""
+    """stop gradients into the teacher side of KL terms: true | false | auto (as the method's public code, docs/methods.md table)"""
     kdcl_target: str = "minlogit"
     """KDCL soft target: minlogit (min over peers of z - z_label) | naive (the peers' mean logits)"""
     ema_decay: float = 0.999
     """PCL: decay of the temporal-mean (EMA) network, in [0, 1)"""
+    pcl_target: str = "mean_logits"
+    """PCL peer mean teacher: mean_logits (one KL to the mean of the other EMA peers' logits) | mean_kl (the mean of the KLs to each, as the public reproduction)"""
+    eps: float = 0.0
+    """added to the teacher probabilities inside every KL: 0 = the exact KL; 1e-7 = the public code of AHBF, ONE, CL-ILR and OKDDip (not the Triton backend: auto runs compiled)"""
+    ce_weight: float = 1.0
+    """weight of the cross-entropy terms (loss = ce_weight * CE + kd_scale * KD, > 0); KDCL's public (1-a) CE + a KL: ce_weight = 1-a, kd_weight = a"""
     backend: str = "auto"
     """objective implementation: auto | triton | compiled | eager (the unfused reference)"""
 
@@ -316,6 +323,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": tuple(ARCHS),
     "objective.ramp": ("auto", "sigmoid", "consistency", "constant"),
     "objective.kdcl_target": ("minlogit", "naive"),
+    "objective.pcl_target": ("mean_logits", "mean_kl"),
     "objective.detach_teacher": ("auto", True, False),
     "objective.backend": BACKENDS,
     "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
@@ -345,24 +353,26 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
-    non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0,
+    non_negative = {"schedule.warmup_epochs": 0, "train.save_every": 0, "data.workers": 0,
                     "train.threads": 0, "optim.lr_base_batch": 0}
     for key, low in {**positive, **non_negative}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
-    for key in ("objective.T", "schedule.gamma", "optim.lr"):
+    for key in ("objective.T", "objective.ce_weight", "schedule.gamma", "optim.lr"):
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     return check_ranges(cfg)
 
 
-AUTO_NUMBERS = ("model.aux", "objective.kd_weight")  # a number or "auto" (-1, the old sentinel, still means auto)
+AUTO_NUMBERS = ("model.aux", "objective.kd_weight", "objective.rampup")  # a number or "auto"
+LEGACY_AUTO = ("model.aux", "objective.kd_weight")  # where -1, the old sentinel, still means auto
 RANGES: dict[str, tuple[float, float]] = {  # [low, high] (inclusive); checked after every float is finite
     "model.num_branches": (1, 64), "model.aux": (0, 64), "objective.kd_weight": (0, math.inf),
     "objective.lambda1": (0, math.inf), "objective.lambda2": (0, math.inf), "objective.ema_decay": (0, 0.999999),
+    "objective.rampup": (0, math.inf), "objective.eps": (0, 1e-3),
     "optim.momentum": (0, 0.999999),
     "optim.weight_decay": (0, math.inf), "optim.clip_grad": (0, math.inf), "data.batch_size": (2, math.inf),
     "data.val_fraction": (0, 0.99), "data.synthetic_classes": (2, math.inf), "data.synthetic_samples": (2, math.inf),
@@ -380,7 +390,7 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
     for key in AUTO_NUMBERS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value == -1 or value == "auto":
+        if (value == -1 and key in LEGACY_AUTO) or value == "auto":
             setattr(getattr(cfg, section), name, "auto")
         elif isinstance(value, str):
             raise ConfigError(f"{key} must be a number or auto, got '{value}'")
@@ -390,10 +400,14 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         if value != "auto" and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
                               else f"{key} must be >= {low}, got {value}")
-    if cfg.model.method != "baseline" and cfg.model.num_branches < 2:
-        raise ConfigError(f"model.num_branches must be >= 2 for {cfg.model.method}, got {cfg.model.num_branches}")
+    low = METHODS[cfg.model.method].min_branches
+    if cfg.model.num_branches < low:
+        raise ConfigError(f"model.num_branches must be >= {low} for {cfg.model.method}, got {cfg.model.num_branches}")
     if not 0 <= cfg.schedule.min_lr <= cfg.optim.lr:
         raise ConfigError(f"schedule.min_lr must be in [0, optim.lr = {cfg.optim.lr}], got {cfg.schedule.min_lr}")
+    if cfg.objective.eps and cfg.objective.backend == "triton":
+        raise ConfigError(f"objective.eps = {cfg.objective.eps}: the Triton kernel computes the exact KL (eps = 0); "
+                          "use objective.backend=compiled or auto")
     if any(m < 0 for m in cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones must be epochs >= 0, got {cfg.schedule.milestones}")
     if cfg.data.image_size != 0 and cfg.data.image_size < 8:

@@ -58,7 +58,7 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg.train.precision, device)
     amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
-    objective = resolve_objective(cfg.objective, spec["method"])
+    objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
     task = OKDTask(model, make_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "

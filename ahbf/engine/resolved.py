@@ -40,7 +40,7 @@ def objective_backend(cfg: RunConfig, device: torch.device) -> str:
         return cfg.objective.backend
     dtype = DTYPES.get(cfg.train.precision) or torch.float32  # fp32: no autocast dtype
     z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
-    return resolve_backend("auto", z)
+    return resolve_backend("auto", z, cfg.objective.eps)
 
 
 def record_resolved(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv) -> RunConfig:

@@ -15,46 +15,44 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from ..kernels import all_node_logits, build_graph
-from ..kernels.graph import DEFAULT_DETACH, DistillGraph
+from ..kernels import all_node_logits
+from ..kernels.graph import DistillGraph
 from ..kernels.analytic import TRITON_MAX_BRANCHES
 from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.reference import minlogit_target
+from ..methods import PLAIN, get_method
 from ..models import default_aux
-from .config import ConfigError, ModelConfig, ObjectiveConfig
+from .config import ConfigError, ModelConfig, ObjectiveConfig, TrainConfig
 from .schedules import kd_ramp
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Fill the 'SPEC default' values of the model config."""
     aux = default_aux(cfg.arch, cfg.method) if cfg.aux in ("auto", -1) else cfg.aux
-    branches = 1 if cfg.method == "baseline" else cfg.num_branches
+    branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
     return dataclasses.replace(cfg, aux=aux, num_branches=branches)
 
 
-DEFAULT_RAMP = {"ahbf": "sigmoid", "cl_ilr": "consistency", "okddip": "consistency", "pcl": "consistency"}
+def resolve_objective(cfg: ObjectiveConfig, method: str, epochs: int | None = None) -> ObjectiveConfig:
+    """Fill the method-dependent 'auto' values of the objective config from the method's record.
 
-
-def resolve_objective(cfg: ObjectiveConfig, method: str) -> ObjectiveConfig:
-    """Fill the method-dependent 'auto' values of the objective config."""
-    ahbf = method == "ahbf"
+    ``epochs``: the run's ``train.epochs`` (an auto ``rampup`` is the method's fraction of it); None: the
+    built-in default's (the demo's 30)."""
+    m = get_method(method)
+    epochs = TrainConfig().epochs if epochs is None else epochs
     return dataclasses.replace(
         cfg,
-        kd_weight=(1.5 if ahbf else 1.0) if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
-        ramp=DEFAULT_RAMP.get(method, "constant") if cfg.ramp == "auto" else cfg.ramp,
-        detach_teacher=DEFAULT_DETACH.get(method, True) if cfg.detach_teacher == "auto" else cfg.detach_teacher)
+        kd_weight=m.kd_weight if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
+        ramp=m.ramp if cfg.ramp == "auto" else cfg.ramp,
+        rampup=round(m.rampup * epochs, 6) if cfg.rampup == "auto" else cfg.rampup,
+        detach_teacher=m.detach if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:
-    kw = {}
-    if method != "baseline":
-        kw["detach_teacher"] = resolve_objective(cfg, method).detach_teacher is True
-    if method == "ahbf":
-        kw.update(lambda1=cfg.lambda1, lambda2=cfg.lambda2)
-    if method == "kdcl":
-        kw["variant"] = cfg.kdcl_target
-    return build_graph(method, num_branches, **kw)
-
+    """The method's graph: its constructor with the config values its record names (``Method.options``)."""
+    m = get_method(method)
+    kw = {arg: getattr(cfg, key) for arg, key in m.options}
+    return m.graph(num_branches, detach_teacher=resolve_objective(cfg, method).detach_teacher is True, **kw)
 
 
 def objective_fn(backend: str) -> Callable:
@@ -66,13 +64,19 @@ def objective_fn(backend: str) -> Callable:
 
 class OKDTask:
     """Forward of a multi-branch model under ``autocast`` plus the OKD objective (in fp32 or the kernel's
-    own precision). ``set_epoch`` sets ``kd_scale = ramp(epoch) * kd_weight`` (SPEC 4)."""
+    own precision). ``set_epoch`` sets ``kd_scale = ramp(epoch) * kd_weight`` (SPEC 4).
+
+    ``cfg.ce_weight`` != 1: ``ce_weight * CE + kd_scale * KD`` is computed as ``ce_weight * (CE + kd_scale /
+    ce_weight * KD)`` (the same objective, no kernel change; the logged ``ce`` and ``kd`` stay the unweighted
+    sums). ``cfg.eps``: the KL's teacher-probability offset, passed to the objective."""
 
     def __init__(self, model: nn.Module, graph: DistillGraph, cfg: ObjectiveConfig,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, eval_model: nn.Module | None = None):
         self.model, self.graph, self.cfg, self.autocast = model, graph, cfg, autocast
         self.eval_model = model if eval_model is None else eval_model
         self.objective = objective_fn(cfg.backend)
+        if cfg.eps:
+            self.objective = functools.partial(self.objective, eps=cfg.eps)
         # KDCL-MinLogit: the soft target is built from the labels, so it is an input of training only
         self.minlogit = graph.name == "kdcl" and graph.names[-1:] == ("minlogit",)
         if cfg.backend == "auto" and graph.num_branches > TRITON_MAX_BRANCHES and torch.cuda.is_available():
@@ -83,12 +87,15 @@ class OKDTask:
 
     def set_epoch(self, epoch: int) -> None:
         self.kd_scale = kd_ramp(self.cfg.ramp, epoch, self.cfg.rampup) * self.cfg.kd_weight
+        self._kd_arg = self.kd_scale if self.cfg.ce_weight == 1 else self.kd_scale / self.cfg.ce_weight
 
     def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         with self.autocast():
             out = self.model(x)
         logits = [*out.logits, minlogit_target(out.logits, y)] if self.minlogit else out.logits
-        loss, terms = self.objective(logits, out.scores, y, self.graph, self.cfg.T, self.kd_scale)
+        loss, terms = self.objective(logits, out.scores, y, self.graph, self.cfg.T, self._kd_arg)
+        if self.cfg.ce_weight != 1:
+            loss = loss * self.cfg.ce_weight
         return {"loss": loss, **terms}
 
     def after_step(self) -> None:

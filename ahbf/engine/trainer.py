@@ -67,7 +67,7 @@ def wrap_model(model: nn.Module, env: DistEnv, compile: str = "off", compile_mod
 def resolve(cfg: RunConfig, device: torch.device) -> RunConfig:
     """Fill every 'auto' / 'SPEC default' value, so the saved config.yaml reproduces the run exactly."""
     cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method)
+    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     if cfg.objective.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {device}); use compiled or eager")

@@ -174,8 +174,37 @@ def _log_sum(x: Tensor, m: Tensor) -> Tensor:
     return (x - m).exp().sum(-1, keepdim=True).log()
 
 
+def _kl_eps(graph: DistillGraph, p: list[Tensor], logp: list[Tensor], eps: float, need_grad: bool):
+    """The KL terms with the public code's ``q = p_t + eps`` (``reference.kl_t``), edge by edge.
+
+    Returns ``sum_e w_e sum_rows sum_k q (log q - log p_s)`` and, per node, the gradient of that sum times
+    B / T (``None`` where no edge reaches): student ``w (p_s sum_k q - q)``; teacher, unless detached,
+    ``w p_t (d - <p_t, d>)`` with ``d = log q - log p_s``.
+    """
+    grads: list[Tensor | None] = [None] * len(p)
+    kd = torch.zeros((), dtype=p[0].dtype, device=p[0].device)
+    teachers: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def add(n: int, g: Tensor) -> None:
+        grads[n] = g if grads[n] is None else grads[n] + g
+
+    for e in graph.kl_edges:
+        if e.teacher not in teachers:
+            q = p[e.teacher] + eps
+            teachers[e.teacher] = (q, q.log(), q.sum(-1, keepdim=True))
+        q, logq, qsum = teachers[e.teacher]
+        d = logq - logp[e.student]
+        kd = kd + e.weight * (q * d).sum()
+        if need_grad:
+            add(e.student, e.weight * (p[e.student] * qsum - q))
+            if not e.detach:
+                pt = p[e.teacher]
+                add(e.teacher, e.weight * pt * (d - (pt * d).sum(-1, keepdim=True)))
+    return kd, grads
+
+
 def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, kd_scale: Tensor, *,
-                 enc: GraphTensors, need_grad: bool = True):
+                 enc: GraphTensors, need_grad: bool = True, eps: float = 0.0):
     """Loss, CE sum, KD sum and (if ``need_grad``) the loss gradients w.r.t. ``z`` and ``scores``.
 
     The graph's structure (ensembles, CE counts, nonzero entries of the mixing matrices) is read from
@@ -183,6 +212,7 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
     work is a few fused elementwise passes and row reductions over [B, K]. Math in float32 (float64 for
     float64 inputs); gradients come back in ``grad_dtype`` (the op's backward scales, then casts). Returns
     ``(loss, ce, kd, [dz_i], dscores)``, with ``[]`` and zeros for the gradients without ``need_grad``.
+    ``eps > 0``: the KL terms with the public code's ``p_t + eps`` (:func:`_kl_eps`, edge by edge).
     """
     graph = enc.graph
     M = graph.num_branches
@@ -213,9 +243,12 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
     ce = ce * inv_b
     logp = [(x * inv_t - m * inv_t) - _log_sum(x * inv_t, m * inv_t) for x, m in zip(nodes, mx)]
     p = [lp.exp() for lp in logp]
-    lw = [_mix_row(row, logp) for row in enc.rows_w]
-    qw = [None if l is None else (p[n] * l).sum(-1, keepdim=True) for n, l in enumerate(lw)]  # sum of w_e KL_row
-    kd = sum((q.sum() for q in qw if q is not None), torch.zeros((), dtype=dt, device=z[0].device))
+    if eps:
+        kd, dkl = _kl_eps(graph, p, logp, eps, need_grad)
+    else:
+        lw = [_mix_row(row, logp) for row in enc.rows_w]
+        qw = [None if l is None else (p[n] * l).sum(-1, keepdim=True) for n, l in enumerate(lw)]  # sum of w_e KL_row
+        kd = sum((q.sum() for q in qw if q is not None), torch.zeros((), dtype=dt, device=z[0].device))
     kd = kd * (T * T * inv_b)
     kd_scale = kd_scale.to(dt)
     loss = ce + kd_scale * kd
@@ -229,13 +262,17 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
         terms = []
         if enc.ce_weights[n]:
             terms.append((enc.ce_weights[n] * inv_b) * (torch.exp((nodes[n] - mx[n]) - ls1[n]) - onehot))
-        if enc.rows_s[n]:
-            terms.append(c * _mix_row(enc.rows_s[n], p))
-        if enc.teacher_mode == TEACHER_SAME and lw[n] is not None:
-            terms.append(c * p[n] * (lw[n] - qw[n]))
-        elif enc.teacher_mode == TEACHER_OWN and enc.rows_t[n]:
-            lt = _mix_row(enc.rows_t[n], logp)
-            terms.append(c * p[n] * (lt - (p[n] * lt).sum(-1, keepdim=True)))
+        if eps:
+            if dkl[n] is not None:
+                terms.append(c * dkl[n])
+        else:
+            if enc.rows_s[n]:
+                terms.append(c * _mix_row(enc.rows_s[n], p))
+            if enc.teacher_mode == TEACHER_SAME and lw[n] is not None:
+                terms.append(c * p[n] * (lw[n] - qw[n]))
+            elif enc.teacher_mode == TEACHER_OWN and enc.rows_t[n]:
+                lt = _mix_row(enc.rows_t[n], logp)
+                terms.append(c * p[n] * (lt - (p[n] * lt).sum(-1, keepdim=True)))
         dnodes.append(sum(terms[1:], terms[0]) if terms else torch.zeros_like(nodes[0]))
 
     dscores = []                                      # back through the ensembles, last first

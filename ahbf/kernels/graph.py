@@ -124,8 +124,8 @@ def dml_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
     return DistillGraph("dml", M, (), tuple(range(M)), edges)
 
 
-def baseline_graph() -> DistillGraph:
-    """A plain network: cross-entropy on its one output."""
+def baseline_graph(num_branches: int = 1, detach_teacher: bool = True) -> DistillGraph:
+    """A plain network: cross-entropy on its one output (the arguments are ignored: one output, no KL edges)."""
     return DistillGraph("baseline", 1, (), (0,), ())
 
 
@@ -191,32 +191,31 @@ def kdcl_graph(num_branches: int, detach_teacher: bool = True, variant: str = "m
     raise ValueError(f"kdcl variant: unknown value {variant!r}; choose from minlogit, naive")
 
 
-def pcl_graph(num_branches: int, detach_teacher: bool = True) -> DistillGraph:
+def pcl_graph(num_branches: int, detach_teacher: bool = True, target: str = "mean_logits") -> DistillGraph:
     """PCL (Wu & Gong 2021). Inputs: M peers, the peer-ensemble head (node M), the M temporal-mean (EMA)
     peers (nodes M+1..2M, constants from the model). CE on the peers and the head; each peer distils from
-    the head (L_pe) and from the mean of the other peers' EMA logits (L_pm, the peer mean teacher)."""
+    the head (L_pe) and from the other peers' EMA logits (L_pm, the peer mean teacher): ``mean_logits``,
+    one KL to the mean of their logits; ``mean_kl``, the mean of one KL to each (the public reproduction)."""
     M = num_branches
     _check_branches("pcl", M, 2)
+    if target not in ("mean_logits", "mean_kl"):
+        raise ValueError(f"pcl target: unknown value {target!r}; choose from mean_logits, mean_kl")
     ema = [M + 1 + i for i in range(M)]
+    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
+    names = branch_names(M) + ("peer_ensemble",) + tuple(f"ema_branch{i}" for i in range(M))
+    if target == "mean_kl":
+        w = 1.0 / (M - 1)
+        edges += tuple(KLEdge(i, ema[j], w, True) for i in range(M) for j in range(M) if j != i)
+        return DistillGraph("pcl", 2 * M + 1, (), tuple(range(M + 1)), edges, names)
     ensembles: list[Ensemble] = []
     teachers = [_mean_node(tuple(ema[j] for j in range(M) if j != i), ensembles, 2 * M + 1) for i in range(M)]
-    edges = tuple(KLEdge(i, M, 1.0, detach_teacher) for i in range(M))
     edges += tuple(KLEdge(i, t, 1.0, True) for i, t in enumerate(teachers))
-    names = (branch_names(M) + ("peer_ensemble",) + tuple(f"ema_branch{i}" for i in range(M))
-             + tuple(f"peer_mean_teacher{i}" for i in range(M) if teachers[i] > 2 * M))
+    names += tuple(f"peer_mean_teacher{i}" for i in range(M) if teachers[i] > 2 * M)
     return DistillGraph("pcl", 2 * M + 1, tuple(ensembles), tuple(range(M + 1)), edges, names)
 
 
-GRAPHS = {"ahbf": ahbf_graph, "one": one_graph, "dml": dml_graph, "cl_ilr": cl_ilr_graph, "okddip": okddip_graph,
-          "kdcl": kdcl_graph, "pcl": pcl_graph}
-# the teacher side each method's public code uses when objective.detach_teacher = auto
-DEFAULT_DETACH = {"ahbf": False, "one": True, "dml": True, "cl_ilr": False, "okddip": False, "kdcl": True, "pcl": True}
-
-
 def build_graph(method: str, num_branches: int, **kwargs) -> DistillGraph:
-    """Graph for ``method`` (a key of ``GRAPHS``, or ``baseline``); kwargs go to the constructor."""
-    if method == "baseline":
-        return baseline_graph()
-    if method not in GRAPHS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted([*GRAPHS, 'baseline'])}")
-    return GRAPHS[method](num_branches, **kwargs)
+    """Graph for ``method`` (a name of ``ahbf.methods.METHODS``); kwargs go to its constructor."""
+    from ..methods import get_method  # the method table imports the constructors above
+
+    return get_method(method).graph(num_branches, **kwargs)

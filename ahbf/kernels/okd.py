@@ -8,7 +8,7 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 - ``"compiled"``: ``torch.compile`` of the analytic forward+gradient formulation (``analytic.py``),
   specialised per graph; the CPU default.
 - ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
-- ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits and up to 8 branches, else ``compiled``.
+- ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits, up to 8 branches and ``eps = 0``, else ``compiled``.
 
 The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
 returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
@@ -87,22 +87,22 @@ def _cached_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
 
 # ---- the compiled analytic formulation, one per graph
 
-_COMPILED: dict[tuple[GraphTensors, bool], object] = {}
+_COMPILED: dict[tuple[GraphTensors, bool, float], object] = {}
 
 
-def _compiled_fn(enc: GraphTensors, need_grad: bool):
+def _compiled_fn(enc: GraphTensors, need_grad: bool, eps: float = 0.0):
     """``torch.compile`` of the analytic formulation for one (cached) graph encoding.
 
     All of these share one code object, so dynamo's per-function recompile limit (8 by default)
     counts graphs x dtypes x need_grad x shape changes together; past it the op runs the same
     formulation uncompiled (correct, slower) with a warning.
     """
-    fn = _COMPILED.get((enc, need_grad))
+    fn = _COMPILED.get((enc, need_grad, eps))
     if fn is None:
         # static shapes: a new batch shape compiles once more (the last batch, eval), but the training
         # shape keeps its static kernels (dynamic ones measured ~15% slower on CPU)
-        fn = torch.compile(functools.partial(okd_analytic, enc=enc, need_grad=need_grad), dynamic=False)
-        _COMPILED[(enc, need_grad)] = fn
+        fn = torch.compile(functools.partial(okd_analytic, enc=enc, need_grad=need_grad, eps=eps), dynamic=False)
+        _COMPILED[(enc, need_grad, eps)] = fn
     return fn
 
 
@@ -110,27 +110,30 @@ def _compiled_fn(enc: GraphTensors, need_grad: bool):
 
 @torch.library.custom_op("ahbf::okd_fused", mutates_args=())
 def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, graph_ints: list[int],
-              graph_floats: list[float], T: float, impl: str, need_grad: bool) -> list[Tensor]:
+              graph_floats: list[float], T: float, impl: str, need_grad: bool, eps: float = 0.0) -> list[Tensor]:
     """``[loss, terms, dz_0 .. dz_{M-1}, dscores]``, ``terms = [ce, kd]``; no dz / dscores without ``need_grad``.
 
     ``impl``: ``triton``, ``compiled`` or ``analytic`` (the uncompiled formulation, for debugging).
+    ``eps``: the teacher-probability offset of the KL (``reference.kl_t``); the Triton kernel takes 0 only.
     """
     graph = graph_from_args(tuple(graph_ints), tuple(graph_floats))
     enc = encode_graph(graph, z[0].device)
     if impl == "triton":
+        if eps:
+            raise ValueError(f"eps: the Triton kernel computes the exact KL (eps = 0), got {eps}")
         from . import triton_okd  # lazily: importing ahbf.kernels must not need triton
         loss, terms, dz, ds = triton_okd.okd_fused_triton(list(z), scores, labels, kd_scale.reshape(1), enc, T,
                                                           need_grad)
     else:
-        fn = (_compiled_fn(enc, need_grad) if impl == "compiled" else
-              functools.partial(okd_analytic, enc=enc, need_grad=need_grad))
+        fn = (_compiled_fn(enc, need_grad, eps) if impl == "compiled" else
+              functools.partial(okd_analytic, enc=enc, need_grad=need_grad, eps=eps))
         loss, ce, kd, dz, ds = fn(list(z), scores, labels, T, kd_scale.reshape(()))
         terms = torch.stack([ce, kd])
     return [loss, terms, *dz, ds] if need_grad else [loss, terms]
 
 
 @okd_fused.register_fake
-def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad):
+def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad, eps=0.0):
     dt = compute_dtype(z[0])
     out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
     if not need_grad:
@@ -164,7 +167,7 @@ def _backward(ctx, grads):
         for i, c in zip(low, cast):
             scaled[i] = c
     dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
-    return scaled[:-1], scaled[-1], None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None
+    return scaled[:-1], scaled[-1], None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None, None
 
 
 okd_fused.register_autograd(_backward, setup_context=_setup_context)
@@ -188,30 +191,38 @@ def _kd_tensor(value: float, device: torch.device, dtype: torch.dtype) -> Tensor
     return t
 
 
-def resolve_backend(backend: str, z: Sequence[Tensor]) -> str:
-    """The backend ``okd_loss`` runs for ``backend`` and branch logits ``z``."""
+def resolve_backend(backend: str, z: Sequence[Tensor], eps: float = 0.0) -> str:
+    """The backend ``okd_loss`` runs for ``backend``, branch logits ``z`` and KL offset ``eps`` (Triton: 0 only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and len(z) <= TRITON_MAX_BRANCHES
+        fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and len(z) <= TRITON_MAX_BRANCHES and not eps
         return "triton" if fits and TRITON_AVAILABLE else "compiled"
     return backend
 
 
 def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph, T: float = 3.0,
-             kd_scale: float | Tensor = 1.0, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+             kd_scale: float | Tensor = 1.0, backend: str = "auto",
+             eps: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The OKD objective (SPEC 4): ``(loss, {"ce": ..., "kd": ...})`` with ``loss = ce + kd_scale * kd``.
 
     Same arguments and result as ``okd_objective_reference``; ``backend`` picks the implementation
     (module docstring). Fused backends compute the gradients in the forward pass; they are used only
-    if autograd needs them.
+    if autograd needs them. ``eps``: the teacher-probability offset of the public code's KL
+    (``reference.kl_t``; 0 = exact); eager and compiled take any eps >= 0, ``auto`` runs compiled when
+    eps != 0, and ``triton`` raises.
     """
     if len(labels) == 0:
         raise ValueError("okd_loss: empty batch (0 samples); the mean over samples is undefined")
     check_inputs(z, s, labels, graph)
-    backend = resolve_backend(backend, z)
+    if not eps >= 0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps}")
+    backend = resolve_backend(backend, z, eps)
     if backend == "eager":
-        return okd_objective_reference(z, s, labels, graph, T, kd_scale)
+        return okd_objective_reference(z, s, labels, graph, T, kd_scale, eps)
+    if backend == "triton" and eps:
+        raise ValueError(f"eps: backend 'triton' computes the exact KL (eps = 0), got eps = {eps}; "
+                         "use backend 'compiled' or 'auto'")
     if any(zi.dtype != z[0].dtype for zi in z):
         dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
         z = [zi.to(dtype) for zi in z]
@@ -231,6 +242,6 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
         kd_scale = kd_scale.to(z[0].device)  # one small copy: keep kd_scale on the logits' device
     ints, floats = _cached_args(graph)  # flattened, decoded and encoded once per graph
     need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
-    out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad)
+    out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad, float(eps))
     terms = out[1].detach()
     return out[0], {"ce": terms[0], "kd": terms[1]}

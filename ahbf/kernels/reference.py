@@ -14,11 +14,16 @@ from torch import Tensor
 from .graph import DistillGraph
 
 
-def kl_t(student: Tensor, teacher: Tensor, T: float) -> Tensor:
+def kl_t(student: Tensor, teacher: Tensor, T: float, eps: float = 0.0) -> Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, mean over batch.
 
-    Exact (``log_target``), unlike the AHBF reference code which adds 1e-7 to the teacher probabilities.
+    ``eps = 0``: exact (``log_target``). ``eps > 0``: the public code's form (AHBF, ONE, OKDDip / CL-ILR
+    add 1e-7): ``q = softmax(teacher/T) + eps`` replaces the teacher probabilities, ``T^2 * sum q (log q -
+    log_softmax(student/T))``, batch mean.
     """
+    if eps:
+        q = F.softmax(teacher / T, dim=-1) + eps
+        return T * T * (q * (q.log() - F.log_softmax(student / T, dim=-1))).sum(-1).mean()
     return T * T * F.kl_div(F.log_softmax(student / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
                             reduction="batchmean", log_target=True)
 
@@ -85,10 +90,11 @@ def ensemble_logits(z: Sequence[Tensor], s: Sequence[Tensor], graph: DistillGrap
 
 
 def okd_objective_reference(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph,
-                            T: float = 3.0, kd_scale: float | Tensor = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                            T: float = 3.0, kd_scale: float | Tensor = 1.0,
+                            eps: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Eager objective. Returns (loss, {"ce": sum of CE terms, "kd": sum of weighted KL terms}).
 
-    loss = ce + kd_scale * kd, where kd_scale = w(epoch) * kd_weight for AHBF (SPEC 4).
+    loss = ce + kd_scale * kd, where kd_scale = w(epoch) * kd_weight for AHBF (SPEC 4); ``eps``: see ``kl_t``.
     """
     check_inputs(z, s, labels, graph)
     nodes = all_node_logits(z, s, graph)
@@ -96,5 +102,5 @@ def okd_objective_reference(z: Sequence[Tensor], s: Sequence[Tensor], labels: Te
     kd = nodes[0].new_zeros(())
     for e in graph.kl_edges:
         teacher = nodes[e.teacher].detach() if e.detach else nodes[e.teacher]
-        kd = kd + e.weight * kl_t(nodes[e.student], teacher, T)
+        kd = kd + e.weight * kl_t(nodes[e.student], teacher, T, eps)
     return ce + kd_scale * kd, {"ce": ce.detach(), "kd": kd.detach()}

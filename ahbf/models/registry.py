@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
+from ..methods import METHODS, PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_for
 from . import densenet, mobilenet, vgg
 from .peers import TemporalMeanNet
 from .resnet import CifarResNet, MultiBranchNet, PeerNet
@@ -39,9 +40,6 @@ ARCHS: dict[str, Arch] = {
     "mobilenetv2_x0_5": Arch("inverted", (1, 2, 3, 4, 3, 3, 1), False, "mobilenetv2", 0.5),
 }
 FAMILIES = {"vgg": vgg, "densenet": densenet, "mobilenetv2": mobilenet}  # modules: multi_branch(), plain()
-FAMILY_METHODS = ("ahbf", "one", "dml", "baseline")  # what the VGG / DenseNet / MobileNetV2 families build
-METHODS = ("ahbf", "one", "dml", "cl_ilr", "okddip", "kdcl", "pcl", "baseline")
-INDEPENDENT_PEERS = ("dml", "kdcl")  # methods whose peers are whole separate networks
 
 
 def get_arch(name: str) -> Arch:
@@ -61,39 +59,37 @@ def default_aux(arch: str, method: str) -> int:
 
 def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
                  aux: int | None = None) -> nn.Module:
-    """Build a multi-branch model (a method of ``METHODS``, docs/methods.md) or a plain ``baseline``.
+    """Build the model of ``method`` (a record of ``ahbf.methods``: its model kind, families, least branch count).
 
     Every model returns ``BranchOutput(logits, scores)``; ``model.spec`` records the arguments.
     """
     a = get_arch(arch)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    if a.family != "resnet" and method not in FAMILY_METHODS:
-        raise ValueError(f"method {method!r} is built for the ResNets only; {arch} takes {list(FAMILY_METHODS)}")
+    m = get_method(method)
+    if a.family not in m.families:
+        built = "the ResNets" if m.families == ("resnet",) else "the " + ", ".join(m.families) + " families"
+        raise ValueError(f"method {method!r} is built for {built} only; {arch} takes {methods_for(a.family)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     aux = default_aux(arch, method) if aux is None else aux
     if aux < 0:
         raise ValueError(f"aux must be >= 0, got {aux}")
-    if method == "baseline":
+    if m.model == PLAIN:
         num_branches = 1
-    elif num_branches < 2:
-        raise ValueError(f"num_branches must be >= 2 for {method}, got {num_branches}")
-    elif method in INDEPENDENT_PEERS and aux != 0:
+    elif num_branches < m.min_branches:
+        raise ValueError(f"num_branches must be >= {m.min_branches} for {method}, got {num_branches}")
+    elif m.model == PEERS and aux != 0:
         raise ValueError(f"aux must be 0 for {method} (identical peers), got {aux}")
-    elif method == "okddip" and num_branches < 3:
-        raise ValueError(f"num_branches must be >= 3 for okddip (a leader and >= 2 peers), got {num_branches}")
 
-    def build(m: int, meth: str) -> MultiBranchNet:
+    def build(n: int, meth: str) -> MultiBranchNet:
         if a.family != "resnet":
-            return FAMILIES[a.family].multi_branch(a, num_classes, m, aux, meth)
-        return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, m, aux, meth)
+            return FAMILIES[a.family].multi_branch(a, num_classes, n, aux, meth)
+        return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, n, aux, meth)
 
-    if method in INDEPENDENT_PEERS:
+    if m.model == PEERS:
         model = PeerNet(lambda: build(1, "baseline"), num_branches)
-    elif method == "pcl":
+    elif m.model == TEMPORAL_MEAN:
         model = TemporalMeanNet(build(num_branches, method), num_branches)
-    else:
+    else:  # MULTI_BRANCH, or PLAIN: a one-branch network
         model = build(num_branches, method)
     model.spec = dict(arch=arch, method=method, num_classes=num_classes, num_branches=num_branches, aux=aux)
     return model
