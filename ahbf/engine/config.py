@@ -131,6 +131,8 @@ class TrainConfig:
     """also keep epoch_N.pt every N epochs; 0 = only last.pt and best.pt"""
     checkpoint_every: str = "30m"
     """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off = at epoch ends only"""
+    precise_bn: int = 0
+    """precise BatchNorm: before the final evaluation, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; averaged over ranks); 0 = off. Short runs' running statistics lag the weights"""
     keep_last: int = 2
     """checkpoints kept: last.pt plus last.1.pt ... (older ones); --resume auto falls back to them if last.pt is bad"""
     overwrite: bool = False
@@ -346,7 +348,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
     non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0,
-                    "train.threads": 0, "optim.lr_base_batch": 0}
+                    "train.threads": 0, "optim.lr_base_batch": 0,
+                    "train.precise_bn": 0}
     for key, low in {**positive, **non_negative}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -32,6 +32,7 @@ from .logging import EpochProgress, RunLogger, use_bars
 from .fault import (Preempted, RunFolderError, StepControl, StopSignals, claim_folder, job_id, owned_by_this_job,
                     restart_count)
 from .meters import LossMeter, NonFiniteLossError
+from . import precise_bn
 from .optim import build_optimizer, set_lr
 from .plots import plot_curves
 from .precision import AmpStepper, resolve_precision
@@ -436,12 +437,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------- the end
     def finish(self, seconds: float) -> dict[str, Any]:
         """Test-set table of the best (val-chosen) weights, a line for the last weights, curves.png."""
+        last_is_best = self.best is not None and self.best["epoch"] == self.epoch
+        precise_bn.at_end(self, "last.pt", *(["best.pt"] if last_is_best else []))
         last = self.evaluate(self.data.test)
         chosen, results = "last", last
-        if self.best is not None and self.best["epoch"] == self.epoch:
+        if last_is_best:
             chosen = "best"  # the last epoch is the best one
         elif self.best is not None and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+            precise_bn.at_end(self, "best.pt")
             chosen, results = "best", self.evaluate(self.data.test)
         elif self.best is not None:
             self.log.info(f"best.pt of epoch {self.best['epoch']} not found; reporting the last weights")
