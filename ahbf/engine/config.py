@@ -133,6 +133,8 @@ class TrainConfig:
     """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off = at epoch ends only"""
     precise_bn: int = 0
     """precise BatchNorm: before the final evaluation, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; averaged over ranks); 0 = off. Short runs' running statistics lag the weights"""
+    stop_poll_every: int = 1
+    """steps between the ranks' agreements on a stop signal / a timed checkpoint (one CPU all-reduce under DDP); a step-interval checkpoint is always agreed at its step; 1 = every step"""
     keep_last: int = 2
     """checkpoints kept: last.pt plus last.1.pt ... (older ones); --resume auto falls back to them if last.pt is bad"""
     overwrite: bool = False
@@ -346,7 +348,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(shown)}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
+    positive = {"train.log_interval": 1, "train.stop_poll_every": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
     non_negative = {"schedule.warmup_epochs": 0, "objective.rampup": 0, "train.save_every": 0, "data.workers": 0,
                     "train.threads": 0, "optim.lr_base_batch": 0,
                     "train.precise_bn": 0}

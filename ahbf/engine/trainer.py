@@ -81,10 +81,11 @@ class Trainer:
         self.cfg, self.env, t = resolve(cfg, env.device), env, cfg.train
         self.recipe, self.auto_output = recipe, bool(t.name) or not t.output  # recipe: in force (cli); runs/latest
         given = t.resume
-        if restart_count() > 0 and not given:
+        (restarted,) = any_rank(restart_count() > 0)  # a node's agent started again after a crash counts from 0
+        if restarted and not given:
             t.resume = "auto"  # tentatively: a torchrun restart finds the first attempt's folder
         t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
-        if restart_count() > 0:
+        if restarted:
             t.resume = self._restart_resume(given)
         self.bars = use_bars(t.progress)
         set_threads(t.threads)  # before any work
@@ -238,7 +239,7 @@ class Trainer:
             self.log.info("no held-out val split (data.val_fraction = 0): best = last; the test set never chooses")
         start = time.perf_counter()
         self.signals = StopSignals()
-        self.control = StepControl(t.checkpoint_every, self.signals)
+        self.control = StepControl(t.checkpoint_every, self.signals, t.stop_poll_every)
         epochs = tqdm(range(self.epoch, t.epochs), desc="epochs", unit="ep", initial=self.epoch, total=t.epochs,
                       disable=not (self.bars and self.env.is_main), dynamic_ncols=True)
         try:
