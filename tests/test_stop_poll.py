@@ -56,6 +56,6 @@ def test_sigterm_to_one_rank_with_poll_every_3_stops_all_ranks_at_one_step(tmp_p
     assert len(steps) == 2 and steps[0] == steps[1], text[-3000:]  # both ranks, the same step
     assert steps[0] % 3 == 0 and steps[0] >= 3, steps
     assert "stopped by SIGTERM" in text and "stopped by a signal on another rank" in text
-    assert f"exitcode: {PREEMPTED_EXIT}" in text or f"exit code: {PREEMPTED_EXIT}" in text or proc.returncode != 0
+    assert f"exitcode: {PREEMPTED_EXIT}" in text and proc.returncode != 0  # each worker exits 75; torchrun fails
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     assert ckpt["step"] == steps[0]

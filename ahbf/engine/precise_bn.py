@@ -152,7 +152,11 @@ def at_end(trainer, *checkpoints: str) -> None:
     t, model, loader = trainer.cfg.train, trainer.model, trainer.data.train
     if t.precise_bn:
         loader.set_epoch(trainer.epoch, 0)
-        used = update_bn_stats(model, loader, t.precise_bn, reduce=all_reduce)
+        def forward(x):
+            with trainer.task.autocast():  # the precision of training and evaluation
+                model(x)
+
+        used = update_bn_stats(model, loader, t.precise_bn, forward, reduce=all_reduce)
         trainer.log.info(f"precise BN: running statistics of {len(batchnorms(model))} BatchNorm layers set from "
                          f"{used} training batches{f' x {trainer.env.world_size} ranks' if trainer.env.distributed else ''}"
                          f" ({', '.join(checkpoints) or 'weights'})")
