@@ -16,7 +16,7 @@ TRAIN_FLAGS = {
     "--temperature", "--kd-weight", "--rampup", "--objective-backend", "-o", "--output", "--name", "--resume", "--seed",
     "--device", "--precision", "--amp", "--no-amp", "--channels-last", "--no-channels-last", "--compile",
     "--no-compile", "--compile-mode", "--threads", "--sync-bn", "--no-sync-bn", "--deterministic", "--no-deterministic", "--log-interval", "--progress", "--no-progress",
-    "--checkpoint-every", "--keep-last", "--overwrite", "--no-overwrite",
+    "--checkpoint-every", "--keep-last", "--precise-bn", "--overwrite", "--no-overwrite",
 }
 EVAL_FLAGS = {"-h", "--help", "--split", "--json", "--dataset", "--data-dir", "-b", "--batch-size", "--device", "--precision"}
 EXPORT_FLAGS = {"-h", "--help", "-o", "--output"}

@@ -58,6 +58,7 @@ TRAIN_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--progress",), "train.progress"),
     (("--checkpoint-every",), "train.checkpoint_every"),
     (("--keep-last",), "train.keep_last"),
+    (("--precise-bn",), "train.precise_bn"),
     (("--overwrite",), "train.overwrite"),
 ]
 USER_ERRORS = (ValueError, OSError, ImportError, NonFiniteLossError)  # ConfigError, CheckpointError: ValueError

@@ -138,6 +138,10 @@ class TrainConfig:
     """also keep epoch_N.pt every N epochs; 0 = only last.pt and best.pt"""
     checkpoint_every: str = "30m"
     """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off = at epoch ends only"""
+    precise_bn: int = 0
+    """precise BatchNorm: before the final evaluation, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; averaged over ranks); 0 = off. Short runs' running statistics lag the weights"""
+    stop_poll_every: int = 1
+    """steps between the ranks' agreements on a stop signal / a timed checkpoint (one CPU all-reduce under DDP); a step-interval checkpoint is always agreed at its step; 1 = every step"""
     keep_last: int = 2
     """checkpoints kept: last.pt plus last.1.pt ... (older ones); --resume auto falls back to them if last.pt is bad"""
     overwrite: bool = False
@@ -352,9 +356,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: unknown value '{value}'; {hint}choose from {', '.join(shown)}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    positive = {"train.log_interval": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
+    positive = {"train.log_interval": 1, "train.stop_poll_every": 1, "data.batch_size": 1, "data.eval_batch_size": 1}
     non_negative = {"schedule.warmup_epochs": 0, "train.save_every": 0, "data.workers": 0,
-                    "train.threads": 0, "optim.lr_base_batch": 0}
+                    "train.threads": 0, "optim.lr_base_batch": 0, "train.precise_bn": 0}
     for key, low in {**positive, **non_negative}.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

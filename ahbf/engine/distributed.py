@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -55,11 +56,46 @@ def setup(device_name: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         # rank addresses) are still there, and a restarted rank can read them and fail ("connectFullMesh failed
         # ... Connection refused") or hang. Each attempt gets its own key prefix.
         store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        store = dist.PrefixStore(f"ahbf/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        store = dist.PrefixStore(f"ahbf/attempt{generation(store, rank, world, timeout_s)}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timeout)
         _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return DistEnv(rank, local, world, device)
+
+
+def generation(store: dist.Store, rank: int, world: int, timeout_s: float = 600.0) -> int:
+    """A number all ranks of this attempt agree on and no earlier attempt on ``store`` used. Not torchrun's
+    restart count: a node's agent started again after the node died counts from 0 while the survivors' agents
+    count their restarts. Rank 0 (a fresh process in every attempt) takes the next number; every other rank
+    follows the newest number above the last one its rank used, says so, and goes once rank 0 has seen every
+    rank say its number (a rank that read a number of an attempt that failed half-way moves on to the newer one)."""
+    if rank == 0:
+        gen = store.add("ahbf/gen", 1)
+        waiting = set(range(1, world))
+    else:
+        last = store.add(f"ahbf/used/{rank}", 0)
+    deadline, said = time.monotonic() + timeout_s, 0
+    while True:
+        if rank == 0:
+            waiting = {r for r in waiting if store.add(f"ahbf/used/{r}", 0) != gen}
+            if not waiting:
+                store.set(f"ahbf/go/{gen}", "1")
+                return gen
+        else:
+            newest = store.add("ahbf/gen", 0)
+            if newest > last and newest != said:
+                store.add(f"ahbf/used/{rank}", newest - store.add(f"ahbf/used/{rank}", 0))
+                said = newest
+            if said and store.check([f"ahbf/go/{said}"]):
+                return said
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: the ranks did not agree on an attempt number within {timeout_s:.0f} s")
+        time.sleep(0.01)
+
+
+def is_distributed() -> bool:
+    """A process group of more than one rank exists."""
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def any_rank(*flags: bool) -> list[bool]:

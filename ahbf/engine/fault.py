@@ -21,7 +21,7 @@ from typing import Any
 
 from .checkpoint import remove_temporaries
 from .config import parse_interval
-from .distributed import any_rank
+from .distributed import any_rank, is_distributed
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
 NONFINITE_EXIT = 3
@@ -173,16 +173,22 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str
 class StepControl:
     """After each step: ``(stop, save)``, the same on every rank. ``stop``: a stop signal reached any rank;
     ``save``: ``train.checkpoint_every`` is due (every N steps, or N minutes since the last save on any rank's
-    clock) or ``stop``. One tiny CPU all-reduce per step under DDP; nothing to agree on otherwise."""
+    clock) or ``stop``. Under DDP the ranks agree with one tiny CPU all-reduce, at every ``poll_every``-th step
+    and at every step a step-interval checkpoint is due (the same steps on every rank); a signal or a due time
+    in between is acted on at the next such step. Nothing to agree on without DDP."""
 
-    def __init__(self, every: str, signals: StopSignals):
+    def __init__(self, every: str, signals: StopSignals, poll_every: int = 1):
         self.unit, self.value = parse_interval(every)
         self.signals, self.last = signals, time.monotonic()
+        self.poll_every = max(1, int(poll_every)) if is_distributed() else 1  # alone: the flags cost nothing
 
     def poll(self, step: int) -> tuple[bool, bool]:
+        due = self.unit == "steps" and step % int(self.value) == 0
+        if step % self.poll_every and not due:
+            return False, False
         timed = self.unit == "minutes" and time.monotonic() - self.last >= self.value * 60
         stop, timed = any_rank(self.signals.received is not None, timed)
-        return stop, stop or timed or (self.unit == "steps" and step % int(self.value) == 0)
+        return stop, stop or timed or due
 
     def saved(self) -> None:
         self.last = time.monotonic()

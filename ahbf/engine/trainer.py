@@ -32,6 +32,7 @@ from .logging import EpochProgress, RunLogger, use_bars
 from .fault import (Preempted, RunFolderError, StepControl, StopSignals, claim_folder, job_id, owned_by_this_job,
                     restart_count)
 from .meters import LossMeter, NonFiniteLossError
+from . import precise_bn
 from .optim import build_optimizer, set_lr
 from .plots import plot_curves
 from .precision import AmpStepper, resolve_precision
@@ -80,10 +81,11 @@ class Trainer:
         self.cfg, self.env, t = resolve(cfg, env.device), env, cfg.train
         self.recipe, self.auto_output = recipe, bool(t.name) or not t.output  # recipe: in force (cli); runs/latest
         given = t.resume
-        if restart_count() > 0 and not given:
+        (restarted,) = any_rank(restart_count() > 0)  # a node's agent started again after a crash counts from 0
+        if restarted and not given:
             t.resume = "auto"  # tentatively: a torchrun restart finds the first attempt's folder
         t.output, t.name = shared_output(cfg), ""  # config.yaml records the folder as train.output
-        if restart_count() > 0:
+        if restarted:
             t.resume = self._restart_resume(given)
         self.bars = use_bars(t.progress)
         set_threads(t.threads)  # before any work
@@ -237,7 +239,7 @@ class Trainer:
             self.log.info("no held-out val split (data.val_fraction = 0): best = last; the test set never chooses")
         start = time.perf_counter()
         self.signals = StopSignals()
-        self.control = StepControl(t.checkpoint_every, self.signals)
+        self.control = StepControl(t.checkpoint_every, self.signals, t.stop_poll_every)
         epochs = tqdm(range(self.epoch, t.epochs), desc="epochs", unit="ep", initial=self.epoch, total=t.epochs,
                       disable=not (self.bars and self.env.is_main), dynamic_ncols=True)
         try:
@@ -436,12 +438,15 @@ class Trainer:
     # ----------------------------------------------------------------------------------- the end
     def finish(self, seconds: float) -> dict[str, Any]:
         """Test-set table of the best (val-chosen) weights, a line for the last weights, curves.png."""
+        last_is_best = self.best is not None and self.best["epoch"] == self.epoch
+        precise_bn.at_end(self, "last.pt", *(["best.pt"] if last_is_best else []))
         last = self.evaluate(self.data.test)
         chosen, results = "last", last
-        if self.best is not None and self.best["epoch"] == self.epoch:
+        if last_is_best:
             chosen = "best"  # the last epoch is the best one
         elif self.best is not None and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+            precise_bn.at_end(self, "best.pt")
             chosen, results = "best", self.evaluate(self.data.test)
         elif self.best is not None:
             self.log.info(f"best.pt of epoch {self.best['epoch']} not found; reporting the last weights")
