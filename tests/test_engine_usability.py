@@ -16,7 +16,7 @@ import yaml
 from ahbf.engine.cli import eval_main, train_main, train_parser
 from ahbf.engine.config import RunConfig, build_config, load_yaml
 from ahbf.engine.distributed import DistEnv
-from ahbf.engine.logging import EpochProgress, use_bars
+from ahbf.engine.runlog import EpochProgress, use_bars
 from ahbf.engine.plots import plot_curves, zoomed_limits
 from ahbf.engine.recipes import RECIPES, chosen_recipe
 from ahbf.engine.rundir import link_latest, resolve_output
@@ -178,7 +178,7 @@ def test_bars_only_on_a_terminal(monkeypatch):
 
 def test_step_line_rates_and_eta(capsys, monkeypatch):
     clock = iter([0.0, 0.0, 1.0, 1.5, 10.0, 10.0])  # window start, a batch after 1 s of waiting, the end, report at 10 s
-    monkeypatch.setattr("ahbf.engine.logging.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("ahbf.engine.runlog.time.perf_counter", lambda: next(clock))
     progress = EpochProgress(1, 3, 10, 640, enabled=True, bars=False)
     for _ in progress.iterate([(0, 0)]):
         progress.advance(64)

@@ -28,7 +28,7 @@ from .config import ConfigError, RunConfig
 from .compile import compile_model, timed
 from .distributed import (DistEnv, all_gather, all_reduce, any_rank, barrier, broadcast_buffers, convert_sync_batchnorm,
                           default_threads, set_threads)
-from .logging import EpochProgress, RunLogger, use_bars
+from .runlog import EpochProgress, RunLogger, use_bars
 from .fault import (Preempted, RunFolderError, StepControl, StopSignals, claim_folder, job_id, owned_by_this_job,
                     restart_count)
 from .meters import LossMeter, NonFiniteLossError
