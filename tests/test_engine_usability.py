@@ -191,24 +191,26 @@ def test_step_line_rates_and_eta(capsys, monkeypatch):
 
 
 def test_header_names_the_recipe_in_force(tmp_path, monkeypatch):
+    from ahbf.engine import run as run_module
     from ahbf.engine import trainer as trainer_module
     from ahbf.engine.cli import parse_train_args
 
     seen = {}
 
     class Fake:
-        def __init__(self, cfg, env, recipe=""):
+        def __init__(self, cfg, recipe=""):
             seen.update(recipe=recipe, epochs=cfg.train.epochs)
 
         def fit(self):
             pass
 
     monkeypatch.setattr(trainer_module, "Trainer", Fake)
+    monkeypatch.setattr(run_module, "build_run", lambda cfg, env: cfg)  # nothing built: the recipe's data is absent
     assert train_main(["--dataset", "cifar100", "--epochs", "2"]) == 0
     assert seen == {"recipe": "cifar100", "epochs": 2}
     monkeypatch.undo()
     cfg = parse_train_args([*TINY, "-o", str(tmp_path)])
-    trainer = trainer_module.Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")), recipe="cifar100")
+    trainer = trainer_module.Trainer(run_module.build_run(cfg, DistEnv(0, 0, 1, torch.device("cpu"))), recipe="cifar100")
     try:
         header = trainer.summary()
     finally:
@@ -235,7 +237,7 @@ def test_config_yaml_is_resolved_and_typed(runs_dir):
 
 
 def test_resolved_objective_backend_and_device():
-    from ahbf.engine.resolved import device_name, objective_backend, optimizer_impl
+    from ahbf.engine.resolve import device_name, objective_backend, optimizer_impl
 
     cfg = build_config(overrides=[("objective.backend", "auto"), ("train.precision", "bf16")])
     assert objective_backend(cfg, torch.device("cpu")) == "compiled"  # auto on CPU
