@@ -8,10 +8,11 @@ on a low-data digits split.
 
 Every method trains the same target network (trunk + branch 0 = a plain ResNet) through the real
 engine (``ahbf.engine.run.build_run`` on the low-data bundle, then ``ahbf.engine.trainer.Trainer``) with
-the same epochs, schedule, optimiser, batches and augmentation; only the method (model + distillation graph) changes. Regime: a stratified low-data
-subset (``--per-class`` images per class, drawn per seed) of the fixed digits training split, because
-on the full split every method sits at the ceiling (see docs/reproduce.md). No validation split and no
-checkpoint selection: the reported numbers are the last epoch's, on the fixed digits test split.
+the same epochs, schedule, optimiser, batches and augmentation; only the method (model + distillation
+graph) changes. Regime: a stratified low-data subset (``--per-class`` images per class, drawn per seed) of
+the fixed digits training split, because on the full split every method sits at the ceiling (see
+docs/reproduce.md). No validation split and no checkpoint selection: the reported numbers are the last
+epoch's, on the fixed digits test split.
 
 Per epoch, on the test split, a probe records every node's top-1 and the branch diversity
 (``ahbf.analysis.branch_diversity``): mean pairwise disagreement and symmetric KL between the branches.
