@@ -7,9 +7,9 @@
 
 Rows. ``paper``: the loop the paper's code runs (fp32, NCHW, eager unfused objective with the reference
 script's term pairing and its 1e-7 on the teacher probabilities, plain ``torch.optim.SGD``, ``loss.item()``
-every step). Every other row is the engine: a real ``Trainer`` built from a ``RunConfig`` (so the timed
-step is ``Trainer.train_step``: ``OKDTask`` + ``AmpStepper`` + ``build_optimizer`` + ``wrap_model`` +
-``LossMeter``, with its host read every ``log_interval`` steps), one setting each (precision,
+every step). Every other row is the engine: a real run built by ``build_run`` from a ``RunConfig`` (so the
+timed step is ``Run.train_step``, the step ``Trainer`` runs: ``OKDTask`` + ``AmpStepper`` + ``build_optimizer``
++ ``wrap_model``, plus ``LossMeter`` with its host read every ``log_interval`` steps), one setting each (precision,
 channels-last, objective backend, compile mode). Data: ``synthetic`` (one batch on the device, reused),
 ``memory`` (the on-device CIFAR-shaped loader the trainer uses for CIFAR) or ``folder`` (the image-folder
 pipeline, DALI or torchvision, on generated JPEGs); a step includes fetching its batch.
@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ahbf.engine.compile import synchronize, timed  # noqa: E402
 from ahbf.engine.config import build_config  # noqa: E402
 from ahbf.engine.distributed import DistEnv, resolve_device  # noqa: E402
-from ahbf.engine.trainer import Trainer  # noqa: E402
+from ahbf.engine.meters import LossMeter  # noqa: E402
+from ahbf.engine.run import build_run  # noqa: E402
 from ahbf.models import create_model  # noqa: E402
 from ahbf.pipelines import build_data  # noqa: E402
 from machine import cpu_name  # noqa: E402
@@ -177,7 +178,8 @@ class PaperLoop:
 # ---- the engine
 
 class EngineRun:
-    """A real Trainer for one setting; ``step`` is what its epoch loop does per batch."""
+    """A real run for one setting (no run folder: nothing is written); ``step`` is what ``Trainer``'s epoch
+    loop does per batch, minus the lr write and the checkpoint poll."""
 
     def __init__(self, name: str, setting: Setting, case: ModelCase, data: list[tuple[str, object]], env: DistEnv,
                  threads: int, out: str, batches=None):
@@ -189,20 +191,22 @@ class EngineRun:
                             ("train.threads", threads), ("train.output", os.path.join(out, name)),
                             ("train.progress", False), ("train.tensorboard", False), ("optim.lr", 0.01)]
         self.name, self.setting = name, setting
-        self.trainer = Trainer(build_config(overrides=overrides), env)
-        self.trainer.task.set_epoch(10 ** 6)  # the ramp's end (AHBF: kd_scale 0.5 * kd_weight), as PaperLoop
-        self.trainer.model.train()
-        self.batches = batches(setting.channels_last) if batches else cycle(self.trainer.data.train)
+        self.run = build_run(build_config(overrides=overrides), env)
+        self.run.task.set_epoch(10 ** 6)  # the ramp's end (AHBF: kd_scale 0.5 * kd_weight), as PaperLoop
+        self.run.model.train()
+        self.meter, self.steps = LossMeter(env.device), 0
+        self.batches = batches(setting.channels_last) if batches else cycle(self.run.data.train)
 
     def step(self) -> None:
-        tr = self.trainer
         x, y = next(self.batches)
-        tr.train_step(x, y)
-        if tr.step % tr.cfg.train.log_interval == 0:
-            tr.meter.read()
+        terms = self.run.train_step(x, y)
+        self.steps += 1
+        self.meter.update(terms, self.steps)
+        if self.steps % self.run.cfg.train.log_interval == 0:
+            self.meter.read()
 
     def close(self) -> None:
-        self.trainer.close()
+        self.run.close()
 
 
 def cycle(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -301,9 +305,9 @@ def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float | str]:
     """Milliseconds per step in each labelled part of ``run``'s step (torch.profiler): device time of the ranges
     on CUDA where the profiler attributes it to them (``clock: device``), else host time (``clock: host``:
     on CUDA that is launch time, not kernel time; the step is synced at its end). The step is
-    ``Trainer.train_step`` split into its parts: forward + objective (``OKDTask``), then ``AmpStepper``'s
+    ``Run.train_step`` split into its parts: forward + objective (``OKDTask``), then ``AmpStepper``'s
     backward and optimizer step (no clipping); the objective's own backward is inside ``backward``."""
-    tr, device = run.trainer, run.trainer.env.device
+    tr, device = run.run, run.run.env.device
     amp, task = tr.amp, tr.task
     objective = task.objective
 
@@ -327,7 +331,7 @@ def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float | str]:
                         amp.scaler.step(amp.optimizer)
                         amp.scaler.update()
                         amp.optimizer.zero_grad(set_to_none=True)
-                    tr.meter.update(terms, tr.step)
+                    run.meter.update(terms, run.steps)
                 synchronize(device)
     finally:
         task.objective = objective

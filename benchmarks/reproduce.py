@@ -7,11 +7,12 @@ on a low-data digits split.
     python benchmarks/reproduce.py --replot              # rewrite table + figures from the JSON, no training
 
 Every method trains the same target network (trunk + branch 0 = a plain ResNet) through the real
-engine (``ahbf.engine.trainer.Trainer``) with the same epochs, schedule, optimiser, batches and
-augmentation; only the method (model + distillation graph) changes. Regime: a stratified low-data
-subset (``--per-class`` images per class, drawn per seed) of the fixed digits training split, because
-on the full split every method sits at the ceiling (see docs/reproduce.md). No validation split and no
-checkpoint selection: the reported numbers are the last epoch's, on the fixed digits test split.
+engine (``ahbf.engine.run.build_run`` on the low-data bundle, then ``ahbf.engine.trainer.Trainer``) with
+the same epochs, schedule, optimiser, batches and augmentation; only the method (model + distillation
+graph) changes. Regime: a stratified low-data subset (``--per-class`` images per class, drawn per seed) of
+the fixed digits training split, because on the full split every method sits at the ceiling (see
+docs/reproduce.md). No validation split and no checkpoint selection: the reported numbers are the last
+epoch's, on the fixed digits test split.
 
 Per epoch, on the test split, a probe records every node's top-1 and the branch diversity
 (``ahbf.analysis.branch_diversity``): mean pairwise disagreement and symmetric KL between the branches.
@@ -49,7 +50,7 @@ from ahbf.analysis import branch_diversity  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from ahbf.engine.config import build_config  # noqa: E402
 from ahbf.engine.distributed import DistEnv  # noqa: E402
-from ahbf.engine.schedules import LRSchedule  # noqa: E402
+from ahbf.engine.run import Run, build_run  # noqa: E402
 from ahbf.engine.trainer import Trainer  # noqa: E402
 from ahbf.methods import METHODS as TABLE  # noqa: E402
 from ahbf.pipelines import DataBundle, DeviceTensorLoader  # noqa: E402
@@ -139,48 +140,34 @@ def low_data_bundle(p: Protocol, seed: int, device: torch.device) -> DataBundle:
     return DataBundle(train, None, test, k, p.image_size)
 
 
-# ------------------------------------------------------------------------------------------ trainer
+# ------------------------------------------------------------------------------------------ the probe
 
-class ProbeTrainer(Trainer):
-    """The engine's Trainer on injected data, plus a per-epoch probe of test top-1 and branch diversity.
+class Probe:
+    """Per-epoch test top-1 of every node and the diversity of the branches of ``run`` (every ``every``
+    epochs and the last; observed, never used to choose): a ``Trainer`` probe."""
 
-    Workarounds for what the engine does not offer yet: ``Trainer`` builds its data from ``DataConfig``
-    (no train-subset field), so the bundle is swapped in after construction and the LR schedule rebuilt
-    for its step count; checkpoints are not written (the benchmark needs none).
-    """
+    def __init__(self, run: Run, every: int = 1):
+        self.run, self.every = run, every
 
-    def __init__(self, cfg, env: DistEnv, data: DataBundle, probe_every: int = 1):
-        super().__init__(cfg, env)
-        if data.num_classes != self.data.num_classes:
-            raise ValueError("injected data must have the configured data set's class count")
-        self.data = data
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.epochs, len(data.train))
-        self.probe_every = probe_every
-
-    def save(self, improved: bool) -> None:  # no checkpoints in a benchmark
-        pass
-
-    def end_epoch(self, row: dict[str, Any]) -> None:
-        if self.epoch % self.probe_every == 0 or self.epoch == self.cfg.train.epochs:
-            row.update(self.probe())
-        super().end_epoch(row)
+    def __call__(self, epoch: int) -> dict[str, float]:
+        return self.probe() if epoch % self.every == 0 or epoch == self.run.cfg.train.epochs else {}
 
     @torch.no_grad()
     def probe(self) -> dict[str, float]:
-        """Test top-1 of every node and the diversity of the branches (observed, never used to choose)."""
-        self.model.eval()
+        run = self.run
+        run.model.eval()
         try:
             cols, labels = None, []
-            for x, y in self.data.test:
-                out = [z.float() for z in self.task.predict(x)]
+            for x, y in run.data.test:
+                out = [z.float() for z in run.task.predict(x)]
                 cols = [[z] for z in out] if cols is None else [c + [z] for c, z in zip(cols, out)]
                 labels.append(y)
         finally:
-            self.model.train()
+            run.model.train()
         nodes, y = [torch.cat(c) for c in cols], torch.cat(labels)
         row = {f"test_{name}_top1": (z.argmax(-1) == y).float().mean().item() * 100.0
-               for name, z in zip(self.task.node_names, nodes)}
-        m = self.cfg.model.num_branches  # the trainable branches / peers (nodes 0..M-1 of every graph)
+               for name, z in zip(run.task.node_names, nodes)}
+        m = run.cfg.model.num_branches  # the trainable branches / peers (nodes 0..M-1 of every graph)
         if m > 1:
             div = branch_diversity(nodes[:m], y)
             row.update(div_disagreement=div["disagreement"], div_sym_kl=div["sym_kl"],
@@ -194,7 +181,8 @@ def run_one(p: Protocol, method: str, seed: int, work_dir: str) -> dict[str, Any
     cfg = build_config(overrides=p.overrides(method, seed, output))
     env = DistEnv(0, 0, 1, torch.device("cpu"))
     start = time.perf_counter()
-    trainer = ProbeTrainer(cfg, env, low_data_bundle(p, seed, env.device), p.probe_every)
+    run = build_run(cfg, env, data=low_data_bundle(p, seed, env.device))  # the schedule: this bundle's steps
+    trainer = Trainer(run, checkpoints=False, probes=[Probe(run, p.probe_every)])  # no checkpoints needed
     summary = trainer.fit()
     wall = time.perf_counter() - start
     test = {k: v for k, v in summary["test"].items() if not k.startswith("_")}

@@ -99,3 +99,16 @@ def test_rng_state_saves_and_restores_the_run_device_not_the_current_one(monkeyp
     set_rng_state(state, torch.device("cuda:1"))
     set_rng_state(state, torch.device("cpu"))  # a CPU resume of a GPU checkpoint leaves torch.cuda alone
     assert asked == [("get", "cuda:1"), ("set", "cuda:1")]
+
+
+def test_resume_allows_an_auto_rampup_to_grow_with_the_epochs():
+    """rampup auto is a fraction of train.epochs; --epochs may grow on --resume auto, so may that rampup."""
+    from ahbf.engine.checkpoint import config_changes
+
+    def cfg(rampup, epochs):
+        return {"objective": {"rampup": rampup}, "train": {"epochs": epochs, "seed": 0}}
+
+    assert config_changes(cfg(1.6, 2), cfg(2.4, 3)) == []  # 0.8 of the run, both times
+    assert config_changes(cfg(1.6, 2), cfg(1.6, 3)) == []  # an explicit value kept
+    assert config_changes(cfg(1.6, 2), cfg(2.0, 2)) == ["objective.rampup 1.6 -> 2.0"]
+    assert config_changes(cfg(1.6, 2), cfg(3.0, 3)) == ["objective.rampup 1.6 -> 3.0"]

@@ -1,14 +1,13 @@
 """train.compile (off | model | branches), train.threads and the linear lr scaling rule."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from ahbf.engine import trainer as trainer_module
+from ahbf.engine import run as run_module
 from ahbf.engine.cli import parse_train_args
 from ahbf.engine.compile import compile_model, compile_units
 from ahbf.engine.config import ConfigError, RunConfig, build_config
@@ -17,7 +16,9 @@ from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.schedules import scaled_lr
 from ahbf.engine.task import OKDTask, make_graph, resolve_objective
-from ahbf.engine.trainer import Trainer, resolve, wrap_model
+from ahbf.engine.resolve import peak_lr, resolve_values
+from ahbf.engine.run import build_run, wrap_model
+from ahbf.engine.trainer import Trainer
 from ahbf.models import create_model
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
@@ -92,7 +93,7 @@ def test_old_boolean_compile_still_reads(tmp_path, text, expected):
 
 def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
     """img/s leaves out the first (compiling) step, whose seconds are reported as compile_s."""
-    monkeypatch.setattr(trainer_module, "compile_model", lambda model, *args: model)  # no real compile: fast
+    monkeypatch.setattr(run_module, "compile_model", lambda model, *args: model)  # no real compile: fast
     cfg = build_config(overrides=[("data.dataset", "synthetic"), ("data.synthetic_samples", 40),
                                   ("data.image_size", 8), ("data.batch_size", 9), ("data.val_fraction", 0),
                                   ("model.arch", "resnet8"), ("model.num_branches", 2), ("train.epochs", 2),
@@ -100,8 +101,10 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
                                   ("train.output", str(tmp_path)),
                                   ("train.progress", False), ("train.tensorboard", False), ("optim.lr_base_batch", 18),
                                   ("train.threads", 1)])
-    trainer = Trainer(cfg, CPU)
+    trainer = Trainer(build_run(cfg, CPU))
     assert trainer.peak_lr == pytest.approx(0.1 * 9 / 18)
+    # one lr path: scaled peak -> schedule -> optimiser (its first lr is the schedule's first step's)
+    assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.peak_lr
     trainer.fit()
     first, second = trainer.history
     assert first["compile_s"] > 0 and "compile_s" not in second
@@ -110,8 +113,18 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["threads"] == torch.get_num_threads() == 1
 
 
+def test_min_lr_is_checked_against_the_scaled_peak_lr():
+    scaled = [("optim.lr", 0.1), ("optim.lr_base_batch", 32), ("data.batch_size", 64), ("schedule.min_lr", 0.15)]
+    cfg = build_config(overrides=scaled)  # unscaled lr 0.1 < min_lr 0.15 < scaled peak 0.2: a valid run
+    assert peak_lr(resolve_values(cfg, CPU), CPU.world_size) == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match=r"schedule.min_lr must be in \[0, peak lr = 0.1\], got 0.5"):
+        resolve_values(build_config(overrides=[("schedule.min_lr", 0.5)]), CPU)
+    with pytest.raises(ConfigError, match=r"peak lr = 0.05, optim.lr 0.1 scaled to the global batch\], got 0.15"):
+        resolve_values(build_config(overrides=[*scaled, ("data.batch_size", 16)]), CPU)
+
+
 def test_threads_and_lr_scaling(monkeypatch):
-    assert resolve(RunConfig(), CPU.device).train.threads == default_threads() >= 1  # auto, written to config.yaml
+    assert resolve_values(RunConfig(), CPU).train.threads == default_threads() >= 1  # auto, written to config.yaml
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert default_threads() == 1
     assert scaled_lr(0.1, 256, 1024) == pytest.approx(0.4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ahbf.engine.config import (SECTIONS, ConfigError, RunConfig, build_config, config_from_dict, field_docs,
-                                load_yaml, parse_override, set_value)
+                                parse_override, set_value)
 
 from tests.utils import method_resolved
 

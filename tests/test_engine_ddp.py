@@ -43,16 +43,17 @@ def _resume_rank(rank: int, port: int, out: str, steps: str) -> None:
     transient read error of last.pt on its node). Writes the step it resumed to ``steps/<rank>``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from ahbf.engine import distributed, trainer
+    from ahbf.engine import distributed, state, trainer
+    from ahbf.engine.run import build_run
     from ahbf.engine.cli import _parse_train_args
 
     if rank == 1:
-        original = trainer.newest_first
-        trainer.newest_first = lambda path: original(path)[1:]
+        original = state.newest_first
+        state.newest_first = lambda path: original(path)[1:]
     cfg, _ = _parse_train_args([*TINY, "-o", out, "--resume", "auto", "train.threads=1"])
     env = distributed.setup("cpu", 60)
     try:
-        run = trainer.Trainer(cfg, env)
+        run = trainer.Trainer(build_run(cfg, env))
         run.close()
         with open(os.path.join(steps, str(rank)), "w") as f:
             f.write(str(run.step))

@@ -26,7 +26,7 @@ from ahbf.pipelines.torch_folder import EpochSampler
     ("optim.lr", "inf", "optim.lr must be a finite number"),
     ("optim.lr", 1e39, None),  # finite: accepted (the non-finite guard stops the run)
     ("objective.T", "nan", "objective.T must be > 0"),
-    ("schedule.min_lr", 0.5, "schedule.min_lr must be in [0, optim.lr = 0.1]"),
+    ("schedule.min_lr", -0.5, "schedule.min_lr must be >= 0"),  # <= the peak lr: resolve (test_engine_compile)
     ("data.val_fraction", -0.5, "data.val_fraction must be in [0, 0.99]"),
     ("data.image_size", -1, "data.image_size must be 0"),
     ("data.synthetic_classes", 0, "data.synthetic_classes must be >= 2"),
@@ -129,12 +129,12 @@ def test_loaders_start_mid_epoch_with_the_same_batches():
 
 def test_one_sample_per_process_is_a_one_line_error(tmp_path):
     from ahbf.engine.distributed import DistEnv
-    from ahbf.engine.trainer import Trainer
+    from ahbf.engine.run import build_run
 
     cfg = build_config(overrides=[("data.dataset", "synthetic"), ("data.synthetic_samples", 2), ("data.val_fraction", 0),
                                   ("data.image_size", 8), ("train.output", str(tmp_path / "run")), ("train.threads", 1)])
     with pytest.raises(ConfigError, match="each of the 2 processes gets 1 training sample"):
-        Trainer(cfg, DistEnv(0, 0, 2, torch.device("cpu")))  # checked before any collective or file
+        build_run(cfg, DistEnv(0, 0, 2, torch.device("cpu")))  # checked before any collective or file
     assert not (tmp_path / "run").exists()
 
 

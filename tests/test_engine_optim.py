@@ -9,7 +9,7 @@ import torch
 from ahbf.engine.config import ConfigError, OptimConfig
 from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
-from ahbf.engine.resolved import optimizer_impl
+from ahbf.engine.resolve import optimizer_impl
 
 CPU = torch.device("cpu")
 

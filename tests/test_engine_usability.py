@@ -16,7 +16,7 @@ import yaml
 from ahbf.engine.cli import eval_main, train_main, train_parser
 from ahbf.engine.config import RunConfig, build_config, load_yaml
 from ahbf.engine.distributed import DistEnv
-from ahbf.engine.logging import EpochProgress, use_bars
+from ahbf.engine.runlog import EpochProgress, use_bars
 from ahbf.engine.plots import plot_curves, zoomed_limits
 from ahbf.engine.recipes import NAMES, chosen_recipe
 from ahbf.engine.rundir import link_latest, resolve_output
@@ -181,7 +181,7 @@ def test_bars_only_on_a_terminal(monkeypatch):
 
 def test_step_line_rates_and_eta(capsys, monkeypatch):
     clock = iter([0.0, 0.0, 1.0, 1.5, 10.0, 10.0])  # window start, a batch after 1 s of waiting, the end, report at 10 s
-    monkeypatch.setattr("ahbf.engine.logging.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("ahbf.engine.runlog.time.perf_counter", lambda: next(clock))
     progress = EpochProgress(1, 3, 10, 640, enabled=True, bars=False)
     for _ in progress.iterate([(0, 0)]):
         progress.advance(64)
@@ -194,24 +194,26 @@ def test_step_line_rates_and_eta(capsys, monkeypatch):
 
 
 def test_header_names_the_recipe_in_force(tmp_path, monkeypatch):
+    from ahbf.engine import run as run_module
     from ahbf.engine import trainer as trainer_module
     from ahbf.engine.cli import parse_train_args
 
     seen = {}
 
     class Fake:
-        def __init__(self, cfg, env, recipe=""):
+        def __init__(self, cfg, recipe=""):
             seen.update(recipe=recipe, epochs=cfg.train.epochs)
 
         def fit(self):
             pass
 
     monkeypatch.setattr(trainer_module, "Trainer", Fake)
+    monkeypatch.setattr(run_module, "build_run", lambda cfg, env: cfg)  # nothing built: the recipe's data is absent
     assert train_main(["--dataset", "cifar100", "--epochs", "2"]) == 0
     assert seen == {"recipe": "cifar100", "epochs": 2}
     monkeypatch.undo()
     cfg = parse_train_args([*TINY, "-o", str(tmp_path)])
-    trainer = trainer_module.Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")), recipe="cifar100")
+    trainer = trainer_module.Trainer(run_module.build_run(cfg, DistEnv(0, 0, 1, torch.device("cpu"))), recipe="cifar100")
     try:
         header = trainer.summary()
     finally:
@@ -238,7 +240,7 @@ def test_config_yaml_is_resolved_and_typed(runs_dir):
 
 
 def test_resolved_objective_backend_and_device():
-    from ahbf.engine.resolved import device_name, objective_backend, optimizer_impl
+    from ahbf.engine.resolve import device_name, objective_backend, optimizer_impl
 
     cfg = build_config(overrides=[("objective.backend", "auto"), ("train.precision", "bf16")])
     assert objective_backend(cfg, torch.device("cpu")) == "compiled"  # auto on CPU

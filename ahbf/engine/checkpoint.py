@@ -197,9 +197,19 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if key in MAY_CHANGE or name not in saved.get(section, {}) or name not in current.get(section, {}):
             continue
         old, new = saved[section][name], current[section][name]
+        if key == "objective.rampup" and _same_fraction_of_epochs(saved, current):
+            continue  # rampup auto is a fraction of train.epochs, which may grow: it grows with them
         if new != "auto" and not (key == "data.image_size" and not new) and old != new:
             changes.append(f"{key} {old!r} -> {new!r}")
     return changes
+
+
+def _same_fraction_of_epochs(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    try:
+        (r0, e0), (r1, e1) = ((float(c["objective"]["rampup"]), float(c["train"]["epochs"])) for c in (saved, current))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return e0 > 0 and e1 > 0 and abs(r0 / e0 - r1 / e1) <= 1e-6 * max(1.0, r1 / e1)
 
 
 def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -155,13 +155,14 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
 
 def _train(argv: list[str] | None) -> None:
     from . import distributed
+    from .run import build_run
     from .trainer import Trainer
 
     cfg, recipe = _parse_train_args(argv)
     auto_named = not (cfg.train.output or cfg.train.name)
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
-        Trainer(cfg, env, recipe=recipe).fit()
+        Trainer(build_run(cfg, env), recipe=recipe).fit()
     except BaseException:
         if auto_named and cfg.train.output and env.is_main:
             discard_if_empty(cfg.train.output)  # the folder chosen (and made) for a run that failed to start

@@ -10,7 +10,7 @@ from .config import ConfigError, OptimConfig
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device | str = "cpu",
-                    grad_scaling: bool = False) -> torch.optim.Optimizer:
+                    grad_scaling: bool = False, lr: float | None = None) -> torch.optim.Optimizer:
     """``impl``: fused (one kernel for all parameters; CPU and CUDA in torch >= 2.4), foreach (multi-tensor),
     loop (per parameter), apex (NVIDIA apex FusedSGD, only if importable), auto (fused, else foreach).
 
@@ -18,12 +18,15 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
     error: a step that the GradScaler skips must leave the optimiser untouched, and fused SGD breaks
     that (CPU, torch 2.14: the skipped step still writes the momentum buffer, 1e20 weights one step
     later, measured; CUDA: the fused step reads the scaler's found-inf flag inside the kernel, a path
-    this project has not run, and the first skipped step leaves an uninitialised momentum buffer)."""
+    this project has not run, and the first skipped step leaves an uninitialised momentum buffer).
+
+    ``lr``: the learning rate to start with. A run passes its schedule's first value (``build_run``: the
+    schedule is the optimiser's only source of lr); ``None`` (direct use, tests) means ``cfg.lr``."""
     params = list(params)
     if cfg.impl == "fused" and grad_scaling:
         raise ConfigError("optim.impl=fused with fp16 loss scaling can corrupt the momentum after a skipped step; "
                           "use optim.impl=auto or foreach, or another precision")
-    kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    kw = dict(lr=cfg.lr if lr is None else lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.nesterov and cfg.momentum <= 0:
         raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
     if cfg.impl == "apex":

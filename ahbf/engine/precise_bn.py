@@ -161,8 +161,8 @@ def at_end(trainer, *checkpoints: str) -> None:
                          f"{used} training batches{f' x {trainer.env.world_size} ranks' if trainer.env.distributed else ''}"
                          f" ({', '.join(checkpoints) or 'weights'})")
         for name in checkpoints if trainer.env.is_main else ():
-            if os.path.isfile(trainer.path(name)):
-                write_bn_stats(model, trainer.path(name))
+            if os.path.isfile(trainer.state.path(name)):
+                write_bn_stats(model, trainer.state.path(name))
         return
     key = "val_branch0_top1"
     if not checkpoints or "last.pt" not in checkpoints or trainer.env.distributed or trainer.data.val is None \

@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: console lines (through tqdm), per-step progress, metrics.csv, TensorBoard scalars.
+"""Run outputs on rank 0: console lines (through tqdm), per-step progress, metrics.csv, TensorBoard scalars,
+the start-up header, the epoch lines and the final report (results.json, curves.png).
 
 On a terminal, progress is a tqdm bar; when stdout or stderr is not a terminal (a cluster job's log
 file) or ``--no-progress`` is given, there are no bars and no control codes: one plain line every
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import sys
 import time
@@ -15,6 +17,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
+
+from ..evaluation import format_table
+from ..models.summary import count_parameters
+from .plots import plot_curves
+from .recipes import describe as describe_recipe
 
 
 def use_bars(progress: bool) -> bool:
@@ -126,3 +133,63 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+# ------------------------------------------------------------------ the header, epoch lines, the report
+TARGET = "branch0"  # the deployed network: trunk + branch 0
+
+
+def epoch_line(row: dict[str, Any], epochs: int, short: bool = False) -> str:
+    val = [f"{k[4:-5]} {v:.2f}" for k, v in row.items() if k.startswith("val_") and k.endswith("_top1")]
+    if short:
+        return f"loss {row['train_loss']:.3f}" + (f" val {val[0]}" if val else "")
+    terms = " ".join(f"{k[6:]} {v:.3f}" for k, v in row.items() if k.startswith("train_") and k != "train_loss")
+    text = (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f} ({terms})  "
+            f"lr {row['lr']:.4g}  kd_scale {row['kd_scale']:.3f}  {row['img_per_s']:.0f} img/s "
+            f"(data {100 * row.get('data_wait', 0.0):.0f}%)")
+    if "compile_s" in row:
+        text += f"  compile {row['compile_s']:.1f} s (not in img/s)"
+    if f"val_{TARGET}_loss" in row:
+        text += f"  | val loss {row[f'val_{TARGET}_loss']:.4f}"
+    return text + (f"  | val top-1: {', '.join(val)}" if val else "")
+
+
+def header(run, recipe: str = "") -> str:
+    """The start-up header: folder, recipe, model (trained and deployed sizes), data, schedule, machine."""
+    c, d, m, env = run.cfg, run.data, run.cfg.model, run.env
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)  # not MobileNetV2's unused blocks
+    deployed = count_parameters(m.arch, "baseline", d.num_classes)[1]
+    sizes = d.sizes or {"train": d.train.num_samples * env.world_size}
+    splits = f"{sizes['train']} train / " + (f"{sizes.get('val', 0)} val" if d.val is not None else "no val")
+    splits += f" / {sizes['test']} test" if "test" in sizes else ""
+    backend = "in-memory tensors" if d.backend == "memory" else f"{d.backend} (image check {d.check_images})"
+    compiled = c.train.compile + (f" ({c.train.compile_mode})" if c.train.compile != "off" else "")
+    lines = [f"run folder: {c.train.output}"] + ([describe_recipe(recipe)] if recipe else [])
+    lines += [
+        f"model: {m.method} {m.arch}, {m.num_branches} branches, aux {m.aux}: {trained / 1e6:.2f} M parameters "
+        f"trained, {deployed / 1e6:.3f} M deployed ({TARGET} = trunk + branch 0, what ahbf-export writes)",
+        f"data: {c.data.dataset}, {splits}, {d.num_classes} classes, {d.image_size}px, {backend}, "
+        f"batch {c.data.batch_size} x {env.world_size}",
+        f"schedule: {c.train.epochs} epochs of {len(d.train)} steps, {c.schedule.name} lr {run.peak_lr:.4g}"
+        f"{' (scaled)' if c.optim.lr_base_batch else ''}, SGD {c.optim.impl}, weight decay {c.optim.weight_decay:g}",
+        f"machine: {env.device}, world size {env.world_size}, {c.train.precision}, compile {compiled}, "
+        f"{c.train.threads} threads, objective {c.objective.backend}"]
+    return "\n".join(lines)
+
+
+def write_report(cfg, summary: dict[str, Any], history: list[dict[str, Any]], epochs_done: int,
+                 info=print) -> None:
+    """Rank 0 at the end: the test table, results.json, curves.png, the list of outputs."""
+    results, best, out = summary["test"], summary["best"], cfg.train.output
+    where = (f"best checkpoint, epoch {best['epoch']}, chosen on val top-1 {best['val_top1']:.2f}%"
+             if summary["checkpoint"] == "best" else f"last checkpoint, epoch {epochs_done}")
+    info("\n" + format_table(results, f"test set, {where}:"))
+    info(f"last epoch: target test top-1 {summary['test_last'][TARGET]['top1']:.2f}%")
+    info(f"TARGET ({TARGET}) TEST TOP-1: {results[TARGET]['top1']:.2f}%   ({cfg.model.arch}, {cfg.model.method}, "
+         f"{cfg.data.dataset}; training took {summary['train_s']:.0f} s)")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if history:
+        plot_curves(history, os.path.join(out, "curves.png"),
+                    f"{cfg.model.method} {cfg.model.arch} x{cfg.model.num_branches} on {cfg.data.dataset}")
+    info(f"outputs in {out}/: {', '.join(sorted(f for f in os.listdir(out) if not f.startswith('.')))}")

@@ -1,0 +1,112 @@
+"""Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran (no ``auto`` left).
+
+Two phases, both called by ``build_run`` and nowhere else:
+
+- ``resolve`` (before anything is built): the SPEC defaults of the model and the objective, the precision,
+  threads, the scaled peak learning rate (and ``schedule.min_lr`` checked against it), the run folder
+  (``train.output``) and, under a torchrun restart, ``train.resume``;
+- ``record_built`` (after the data and the optimiser are built): what they chose inside (the data
+  backend, image size and image check, the SGD implementation, the objective backend ``okd_loss`` picks).
+
+The config is filled in place (the caller's object is the run's config: ``ahbf-train`` reads the chosen
+folder from it to remove an empty one after a failed start). Machine-dependent values (device, data
+backend, threads) are reset to ``auto`` by ``ahbf-eval``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..kernels.okd import resolve_backend
+from ..pipelines import DataBundle
+from .config import ConfigError, RunConfig
+from .distributed import DistEnv, any_rank, default_threads
+from .fault import restart_count
+from .precision import DTYPES, resolve_precision
+from .rundir import shared_output
+from .schedules import scaled_lr
+from .state import restart_resume
+from .task import resolve_model, resolve_objective
+
+
+def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
+    """Phase 1: every value decided from the config and the machine; then the run folder."""
+    resolve_values(cfg, env)
+    resolve_folder(cfg, env)
+    return cfg
+
+
+def resolve_values(cfg: RunConfig, env: DistEnv) -> RunConfig:
+    """SPEC defaults, precision, threads; ``ConfigError`` for what cannot run here (no files, no collectives)."""
+    cfg.model = resolve_model(cfg.model)
+    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
+    cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
+    if cfg.objective.backend == "triton" and env.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {env.device}); "
+                          "use compiled or eager")
+    cfg.train.threads = cfg.train.threads or default_threads()
+    peak_lr(cfg, env.world_size)  # checks schedule.min_lr against the lr the schedule will really use
+    return cfg
+
+
+def peak_lr(cfg: RunConfig, world_size: int) -> float:
+    """The schedule's peak learning rate: ``optim.lr``, scaled by the linear rule when ``optim.lr_base_batch``
+    is set (global batch = ``data.batch_size`` x world size). The one place the scaled lr is computed."""
+    peak = scaled_lr(cfg.optim.lr, cfg.optim.lr_base_batch, cfg.data.batch_size * world_size)
+    if not 0 <= cfg.schedule.min_lr <= peak:
+        scaled = f", optim.lr {cfg.optim.lr:g} scaled to the global batch" if cfg.optim.lr_base_batch else ""
+        raise ConfigError(f"schedule.min_lr must be in [0, peak lr = {peak:g}{scaled}], got {cfg.schedule.min_lr}")
+    return peak
+
+
+def resolve_folder(cfg: RunConfig, env: DistEnv) -> None:
+    """``train.output`` (config.yaml records the folder, not ``train.name``) and, under a torchrun restart,
+    ``train.resume`` (``restart_resume``: continue this job's own run)."""
+    t = cfg.train
+    given = t.resume
+    (restarted,) = any_rank(restart_count() > 0)  # a node's agent started again after a crash counts from 0
+    if restarted and not given:
+        t.resume = "auto"  # tentatively: a torchrun restart finds the first attempt's folder
+    t.output, t.name = shared_output(cfg), ""
+    if restarted:
+        t.resume = restart_resume(t.output, given, env)
+
+
+# ----------------------------------------------------------------------- phase 2: what was built
+def optimizer_impl(optimizer: torch.optim.Optimizer) -> str:
+    """fused | foreach | loop | apex: the SGD implementation ``build_optimizer`` chose."""
+    if type(optimizer).__module__.startswith("apex"):
+        return "apex"
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    return "foreach" if optimizer.defaults.get("foreach") else "loop"
+
+
+def device_name(env: DistEnv) -> str:
+    """``cuda`` when each rank uses its local-rank GPU (what ``auto`` does under torchrun), else the device."""
+    d = env.device
+    if d.type == "cuda" and d.index in (None, env.local_rank):
+        return "cuda"
+    return str(d)
+
+
+def objective_backend(cfg: RunConfig, device: torch.device) -> str:
+    """The backend ``okd_loss`` picks for this run's logits (device, autocast dtype, number of branches)."""
+    if cfg.objective.backend != "auto":
+        return cfg.objective.backend
+    dtype = DTYPES.get(cfg.train.precision) or torch.float32  # fp32: no autocast dtype
+    z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
+    return resolve_backend("auto", z, cfg.objective.eps)
+
+
+def record_built(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv) -> RunConfig:
+    """Phase 2: replace the ``auto`` values decided inside the built objects by what they chose (in place)."""
+    cfg.train.device = device_name(env)
+    cfg.data.image_size = data.image_size
+    # in-memory data sets (digits, CIFAR, synthetic) use no image-folder decoder; torch is what they would use
+    cfg.data.backend = data.backend if data.backend in ("dali", "torch") else "torch"
+    cfg.data.check_images = data.check_images
+    cfg.optim.impl = optimizer_impl(optimizer)
+    cfg.objective.backend = objective_backend(cfg, env.device)
+    return cfg

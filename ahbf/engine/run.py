@@ -1,0 +1,114 @@
+"""``build_run``: a config -> everything one training run uses, built in a fixed order.
+
+config --resolve--> (no ``auto`` left) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
+task (forward + objective) --record_built--> the config that ``config.yaml`` records.
+
+The learning rate has one path: ``resolve.peak_lr`` (``optim.lr``, linearly scaled if
+``optim.lr_base_batch`` is set) -> ``LRSchedule`` -> the optimiser, which gets its lr only from the
+schedule (at construction the first step's, then ``Trainer`` writes it before every step).
+
+``build_run(cfg, env, data=bundle)`` takes a prebuilt ``DataBundle`` (e.g. a benchmark's subset); the
+schedule's length is then that bundle's. ``Run.train_step`` is the step ``Trainer`` runs (and a
+benchmark times).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..models import create_model
+from ..pipelines import DataBundle, build_data
+from .compile import compile_model
+from .config import ConfigError, RunConfig
+from .distributed import DistEnv, convert_sync_batchnorm, set_threads
+from .optim import build_optimizer
+from .precision import AmpStepper
+from .resolve import peak_lr, record_built, resolve
+from .schedules import LRSchedule
+from .task import OKDTask, make_graph
+
+
+def configure_determinism(deterministic: bool) -> None:
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def wrap_model(model: nn.Module, env: DistEnv, compile: str = "off", compile_mode: str = "default",
+               note: Callable[[str], None] = print) -> tuple[nn.Module, nn.Module]:
+    """(training forward, evaluation forward): DDP, then ``train.compile`` (model: torch.compile of the whole;
+    branches: each unit compiled in place, so evaluation runs compiled too); no DDP for evaluation."""
+    train = model
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        train = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    train = compile_model(train, compile, compile_mode, note)
+    return train, (model if env.distributed else train)
+
+
+@dataclass
+class Run:
+    """What ``build_run`` built. ``cfg`` is resolved (config.yaml records it); ``notes`` are for the run log."""
+
+    cfg: RunConfig
+    env: DistEnv
+    data: DataBundle
+    model: nn.Module
+    amp: AmpStepper
+    task: OKDTask
+    schedule: LRSchedule
+    notes: list[str] = field(default_factory=list)
+    link_latest: bool = False
+    """the folder was named (--name) or chosen automatically: ``runs/latest`` points at it"""
+
+    @property
+    def peak_lr(self) -> float:
+        return self.schedule.lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors)."""
+        terms = self.task(x, y)
+        self.amp.step(terms["loss"])
+        self.task.after_step()  # PCL: EMA update (its weights live in the model's state dict)
+        return terms
+
+    def close(self) -> None:
+        self.data.close()  # worker processes end with the run, not at interpreter exit
+
+
+def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> Run:
+    """Resolve ``cfg`` (in place) and build the run; ``data``: a prebuilt bundle instead of ``cfg.data``'s."""
+    latest = bool(cfg.train.name) or not cfg.train.output  # before resolve fills train.output
+    resolve(cfg, env)
+    t, m = cfg.train, cfg.model
+    set_threads(t.threads)  # before any work
+    configure_determinism(t.deterministic)
+    if data is None:
+        data = build_data(cfg.data, rank=env.rank, world_size=env.world_size, device=env.device)
+    if data.train.num_samples < 2:
+        raise ConfigError(f"each of the {env.world_size} processes gets {data.train.num_samples} training "
+                          "sample(s); BatchNorm needs 2 per step: use more data or fewer processes")
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux).to(env.device)
+    if t.sync_bn and env.distributed:
+        convert_sync_batchnorm(model)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    schedule = LRSchedule(cfg.schedule, peak_lr(cfg, env.world_size), t.epochs, len(data.train))
+    optimizer = build_optimizer(model.parameters(), cfg.optim, env.device, t.precision == "fp16", lr=schedule(0, 0))
+    amp = AmpStepper(optimizer, model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
+    notes: list[str] = []
+    train_fwd, eval_fwd = wrap_model(model, env, t.compile, t.compile_mode, notes.append)
+    task = OKDTask(train_fwd, make_graph(m.method, m.num_branches, cfg.objective), cfg.objective, amp.autocast,
+                   eval_model=eval_fwd)
+    record_built(cfg, data, optimizer, env)  # config.yaml: what actually runs, no 'auto'
+    return Run(cfg, env, data, model, amp, task, schedule, notes, latest)
