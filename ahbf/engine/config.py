@@ -22,6 +22,7 @@ import yaml
 
 from ..kernels.okd import BACKENDS
 from ..models import ARCHS, METHODS
+from ..models import backbones
 from ..pipelines import DataConfig
 
 
@@ -32,13 +33,15 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet8"
-    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)"""
+    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet*, mobilenetv2_x0_5, or a library model torchvision:<name> / timm:<name> (docs/models.md)"""
     method: str = "ahbf"
     """online-KD method: ahbf | one | dml | baseline (a plain single network)"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"
     """extra blocks per hierarchy level of AHBF branches (>= 0); auto = SPEC default (4 CIFAR, 2 ImageNet; 0 for one/dml)"""
+    split: str = "auto"
+    """torchvision:/timm: models only: the stage where the branches start, e.g. layer3, stages.3, features.6 (the trunk is everything before it); auto = the family default (docs/models.md)"""
 
 
 @dataclass
@@ -313,7 +316,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": METHODS,
-    "model.arch": tuple(ARCHS),
+    "model.arch": (*ARCHS, "torchvision:<name>", "timm:<name>"),
     "objective.ramp": ("auto", "sigmoid", "consistency", "constant"),
     "objective.kdcl_target": ("minlogit", "naive"),
     "objective.detach_teacher": ("auto", True, False),
@@ -337,7 +340,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in choices:
+        if key == "model.arch" and backbones.is_library(value):
+            check_library_model(cfg.model)
+        elif value not in choices:
             shown = [str(c).lower() if isinstance(c, bool) else c for c in choices]
             near = difflib.get_close_matches(str(value), shown, n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'? " if near else ""
@@ -357,6 +362,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not getattr(getattr(cfg, section), name) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     return check_ranges(cfg)
+
+
+def check_library_model(m: ModelConfig) -> None:
+    """A torchvision:/timm: model name and its split point, before any work (one-line ``ConfigError``)."""
+    try:
+        backbones.resolve_split(m.arch, m.split)
+    except ValueError as err:
+        raise ConfigError(f"model.arch / model.split: {err}") from None
 
 
 AUTO_NUMBERS = ("model.aux", "objective.kd_weight")  # a number or "auto" (-1, the old sentinel, still means auto)
@@ -390,6 +403,9 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         if value != "auto" and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
                               else f"{key} must be >= {low}, got {value}")
+    if cfg.model.split != "auto" and not backbones.is_library(cfg.model.arch):
+        raise ConfigError(f"model.split applies to torchvision:<name> / timm:<name> models; {cfg.model.arch} has "
+                          f"a fixed split (set model.split=auto)")
     if cfg.model.method != "baseline" and cfg.model.num_branches < 2:
         raise ConfigError(f"model.num_branches must be >= 2 for {cfg.model.method}, got {cfg.model.num_branches}")
     if not 0 <= cfg.schedule.min_lr <= cfg.optim.lr:

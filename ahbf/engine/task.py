@@ -20,16 +20,17 @@ from ..kernels.graph import DEFAULT_DETACH, DistillGraph
 from ..kernels.analytic import TRITON_MAX_BRANCHES
 from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.reference import minlogit_target
-from ..models import default_aux
+from ..models import backbones, default_aux
 from .config import ConfigError, ModelConfig, ObjectiveConfig
 from .schedules import kd_ramp
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    """Fill the 'SPEC default' values of the model config."""
-    aux = default_aux(cfg.arch, cfg.method) if cfg.aux in ("auto", -1) else cfg.aux
+    """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
+    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else cfg.split
+    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux in ("auto", -1) else cfg.aux
     branches = 1 if cfg.method == "baseline" else cfg.num_branches
-    return dataclasses.replace(cfg, aux=aux, num_branches=branches)
+    return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
 
 
 DEFAULT_RAMP = {"ahbf": "sigmoid", "cl_ilr": "consistency", "okddip": "consistency", "pcl": "consistency"}

@@ -95,7 +95,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         m = cfg.model
-        self.model = create_model(m.arch, m.method, self.data.num_classes, m.num_branches, m.aux).to(env.device)
+        self.model = create_model(m.arch, m.method, self.data.num_classes, m.num_branches, m.aux,
+                                  split=m.split).to(env.device)
         if t.sync_bn and env.distributed:
             convert_sync_batchnorm(self.model)
         if t.channels_last:
