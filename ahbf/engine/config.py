@@ -403,7 +403,7 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         if value != "auto" and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
                               else f"{key} must be >= {low}, got {value}")
-    if cfg.model.split != "auto" and not backbones.is_library(cfg.model.arch):
+    if cfg.model.split not in ("auto", "") and not backbones.is_library(cfg.model.arch):
         raise ConfigError(f"model.split applies to torchvision:<name> / timm:<name> models; {cfg.model.arch} has "
                           f"a fixed split (set model.split=auto)")
     if cfg.model.method != "baseline" and cfg.model.num_branches < 2:

@@ -27,7 +27,7 @@ from .schedules import kd_ramp
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
-    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else cfg.split
+    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else ""  # "": fixed
     aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux in ("auto", -1) else cfg.aux
     branches = 1 if cfg.method == "baseline" else cfg.num_branches
     return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
