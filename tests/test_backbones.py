@@ -7,13 +7,14 @@ import timm
 import torch
 import torchvision
 
-from ahbf.engine.checkpoint import load_checkpoint
+from ahbf.engine.checkpoint import ModelMismatchError, check_spec, load_checkpoint
 from ahbf.engine.cli import export_main, train_main
 from ahbf.engine.config import ConfigError, build_config
+from ahbf.engine.distributed import convert_sync_batchnorm
 from ahbf.engine.evaluate import model_from_checkpoint
 from ahbf.engine.task import resolve_model
 from ahbf.models import create_model, export_target, target_state_dict
-from ahbf.models.backbones import build_library, extra_blocks, plan
+from ahbf.models.backbones import build_library, extra_blocks, plan, units_and_stages
 from ahbf.models.mobilenet import tail_blocks
 from ahbf.models.resnet import branch_stage_blocks
 from ahbf.models.summary import count_parameters
@@ -121,6 +122,29 @@ def test_split_points_and_errors_are_one_line():
     with pytest.raises(ValueError, match="aux must be 0 for torchvision:mobilenet_v3_small split at features.9"):
         create_model("torchvision:mobilenet_v3_small", "ahbf", K, aux=1)
     assert resolve_model(build_config(overrides=[("model.arch", "torchvision:mobilenet_v3_small")]).model).aux == 0
+
+
+def test_bad_input_from_the_command_line_is_one_line(capsys):
+    assert train_main(["--arch", "torchvision:resnet18", "model.split=layer9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "valid split points: layer1, layer2, layer3, layer4" in err, err
+    with pytest.raises(ValueError, match="no recognizable stages"):  # a model without stages
+        units_and_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten()), "torchvision:toy")
+
+
+def test_a_checkpoint_of_another_split_is_refused():
+    spec = dict(arch="timm:convnext_atto", method="ahbf", num_classes=K, num_branches=2, aux=1, split="stages.3")
+    check_spec(spec, dict(spec), "last.pt")
+    with pytest.raises(ModelMismatchError, match="split at stages.3 .* but this run builds .* split at stages.2"):
+        check_spec(spec, {**spec, "split": "stages.2"}, "last.pt")
+
+
+def test_sync_bn_leaves_timm_batchnorm_with_activation_intact():
+    """torch's conversion would turn timm's BatchNormAct2d (BN + activation) into a bare SyncBatchNorm."""
+    net = build_library("timm:mobilenetv3_small_050", K)
+    count = sum(isinstance(m, timm.layers.BatchNormAct2d) for m in net.modules())
+    convert_sync_batchnorm(net)
+    assert count > 0 and sum(isinstance(m, timm.layers.BatchNormAct2d) for m in net.modules()) == count
 
 
 def test_timm_missing_says_how_to_install(monkeypatch):
