@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from ..kernels.okd import BACKENDS
-from ..models import ARCHS, METHODS
-from ..models import backbones
+from ..models import ARCHS, METHODS, backbones
 from ..pipelines import DataConfig
 
 

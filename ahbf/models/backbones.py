@@ -143,7 +143,7 @@ def units_and_stages(net: nn.Module, arch: str) -> tuple[list[str], list[str]]:
     container = next((n for n, m in children.items() if n in CONTAINERS
                       and isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 2), None)
     if container:
-        stages = [f"{container}.{k}" for k in children[container]._modules]
+        stages = [f"{container}.{k}" for k, _ in children[container].named_children()]
     else:
         stages = [n for n in children if re.fullmatch(r"layer\d+", n)]
         if len(stages) < 2:
@@ -196,7 +196,7 @@ def plan(arch: str) -> Plan:
     hooks = [net.get_submodule(s).register_forward_hook(functools.partial(_record, shapes, s)) for s in stages]
     for s in stages:
         blocks = stage_blocks(net.get_submodule(s))
-        if blocks is not None and len(blocks) and len(blocks[-1]._modules):
+        if blocks is not None and len(blocks) and any(True for _ in blocks[-1].children()):
             hooks.append(blocks[-1].register_forward_hook(functools.partial(_record, shapes, s + "/last")))
     size = tuple((getattr(net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
     try:
