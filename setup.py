@@ -20,7 +20,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "dali-cuda120": ["nvidia-dali-cuda120"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "nvidia-dali-cuda130"],
+        "timm": ["timm>=1.0"],  # timm:<name> models (docs/models.md)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "nvidia-dali-cuda130", "timm>=1.0"],
     },
     entry_points={
         "console_scripts": [

@@ -87,6 +87,8 @@ MODELS.update({
     "ahbf-densenet40": ModelCase("densenet40_k12", "ahbf", 4, 2, 100, 64, 32, 32),
     "ahbf-mobilenetv2": ModelCase("mobilenetv2_x0_5", "ahbf", 4, 2, 100, 64, 32, 32),
 })
+# a library model (docs/models.md "Library models"): torchvision's ResNet-18, split at layer3, ImageNet shapes
+MODELS["ahbf-tv-r18"] = ModelCase("torchvision:resnet18", "ahbf", 4, 2, 1000, 256, 224, 64)
 SMOKE = {"resnet32": "resnet8", "resnet18": "resnet18"}  # --smoke: tiny archs, 16 px (32 px for VGG), batch 4, K 10
 
 

@@ -37,7 +37,7 @@ def test_smoke_rows_and_breakdown():
     assert "| part | ms | share |" in text and "paper" in text
 
 
-@pytest.mark.parametrize("model", ["ahbf-densenet40", "ahbf-mobilenetv2"])
+@pytest.mark.parametrize("model", ["ahbf-densenet40", "ahbf-mobilenetv2", "ahbf-tv-r18"])
 def test_smoke_runs_the_other_backbones(model):
     rows = run(models=(model,), settings=("bf16-cl",), smoke=True, threads=1, profile=False)
     assert [r["setting"] for r in rows] == ["paper", "bf16-cl"] and all(r["img_s"] > 0 for r in rows)

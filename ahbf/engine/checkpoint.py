@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__
 
-SPEC_KEYS = ("arch", "method", "num_classes", "num_branches", "aux")
+SPEC_KEYS = ("arch", "method", "num_classes", "num_branches", "aux", "split")  # split: torchvision / timm only
 RESUME_KEYS = ("model", "optim", "epoch", "step", "spec", "history", "rng")
 _TEMPORARY = re.compile(r"\.tmp\d*$")
 
@@ -168,7 +168,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str) ->
 def describe(spec: dict[str, Any]) -> str:
     m = spec.get("method")
     shape = "" if m == "baseline" else f", {spec.get('num_branches')} branches, aux {spec.get('aux')}"
-    return f"{spec.get('arch')} ({m}{shape}) with {spec.get('num_classes')} classes"
+    split = f" split at {spec['split']}" if spec.get("split") else ""
+    return f"{spec.get('arch')}{split} ({m}{shape}) with {spec.get('num_classes')} classes"
 
 
 class ModelMismatchError(CheckpointError):

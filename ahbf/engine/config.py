@@ -22,7 +22,7 @@ import yaml
 
 from ..kernels.okd import BACKENDS
 from ..methods import METHODS
-from ..models import ARCHS
+from ..models import ARCHS, backbones
 from ..pipelines import DataConfig
 
 
@@ -33,13 +33,15 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet8"
-    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet40_k12/100_k12/100_k40, mobilenetv2_x0_5 (docs/models.md)"""
+    """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet*, mobilenetv2_x0_5, or a library model torchvision:<name> / timm:<name> (docs/models.md)"""
     method: str = "ahbf"
     """online-KD method (the records of ahbf/methods.py, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"
     """extra blocks per hierarchy level of AHBF branches (>= 0); auto = SPEC default (4 CIFAR, 2 ImageNet; 0 for one/dml)"""
+    split: str = "auto"
+    """torchvision:/timm: models only: the stage where the branches start, e.g. layer3, stages.3, features.6 (the trunk is everything before it); auto = the family default (docs/models.md)"""
 
 
 @dataclass
@@ -324,7 +326,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": METHODS,
-    "model.arch": tuple(ARCHS),
+    "model.arch": (*ARCHS, "torchvision:<name>", "timm:<name>"),
     "objective.ramp": ("auto", "sigmoid", "consistency", "constant"),
     "objective.kdcl_target": ("minlogit", "naive"),
     "objective.pcl_target": ("mean_logits", "mean_kl"),
@@ -349,7 +351,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in choices:
+        if key == "model.arch" and backbones.is_library(value):
+            check_library_model(cfg.model)
+        elif value not in choices:
             shown = [str(c).lower() if isinstance(c, bool) else c for c in choices]
             near = difflib.get_close_matches(str(value), shown, n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'? " if near else ""
@@ -369,6 +373,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not getattr(getattr(cfg, section), name) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), name)}")
     return check_ranges(cfg)
+
+
+def check_library_model(m: ModelConfig) -> None:
+    """A torchvision:/timm: model name and its split point, before any work (one-line ``ConfigError``)."""
+    try:
+        backbones.resolve_split(m.arch, m.split)
+    except ValueError as err:
+        raise ConfigError(f"model.arch / model.split: {err}") from None
 
 
 AUTO_NUMBERS = ("model.aux", "objective.kd_weight", "objective.rampup")  # a number or "auto"
@@ -404,6 +416,9 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         if value != "auto" and not low <= value <= high:
             raise ConfigError(f"{key} must be in [{low}, {high}], got {value}" if high < math.inf
                               else f"{key} must be >= {low}, got {value}")
+    if cfg.model.split not in ("auto", "") and not backbones.is_library(cfg.model.arch):
+        raise ConfigError(f"model.split applies to torchvision:<name> / timm:<name> models; {cfg.model.arch} has "
+                          f"a fixed split (set model.split=auto)")
     low = METHODS[cfg.model.method].min_branches
     if cfg.model.num_branches < low:
         raise ConfigError(f"model.num_branches must be >= {low} for {cfg.model.method}, got {cfg.model.num_branches}")

@@ -195,7 +195,8 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm of ``model`` -> torch's ``SyncBatchNorm`` on CUDA, ``CpuSyncBatchNorm`` elsewhere, in place;
     same parameters (and ``requires_grad`` flags), buffers and state-dict keys."""
     for name, child in model.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        # exact types: a subclass does more (timm's BatchNormAct2d also applies its activation) and stays local
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             device = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0)).device
             cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
             sync = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..evaluation import evaluate, format_table
-from ..models import create_model, get_arch, target_state_dict
+from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data
 from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
 from .config import config_from_dict, set_value, validate
@@ -21,7 +21,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
                           path: str = "checkpoint") -> torch.nn.Module:
     """The model of ``ckpt``; missing or reshaped weights are one ``CheckpointError`` line naming them."""
     spec = ckpt["spec"]
-    model = create_model(spec["arch"], spec["method"], spec["num_classes"], spec["num_branches"], spec["aux"])
+    model = create_model(spec["arch"], spec["method"], spec["num_classes"], spec["num_branches"], spec["aux"],
+                         split=spec.get("split"))
     load_weights(model, ckpt["model"], path)
     return model.to(device).eval()
 
@@ -86,11 +87,14 @@ def run_export(path: str, output: str = "") -> str:
     ckpt = load_checkpoint(path)
     spec = ckpt["spec"]
     model = model_from_checkpoint(ckpt, path=path)  # weights that do not fit their own spec: one line
-    output = output or os.path.join(os.path.dirname(path) or ".", f"{spec['arch']}_target.pt")
-    atomic_save(target_state_dict(model), output)
     arch, k = spec["arch"], spec["num_classes"]
-    build = (f"torchvision.models.{arch}(num_classes={k})" if get_arch(arch).imagenet
-             else f"ahbf.models.create_plain({arch!r}, {k})")
+    output = output or os.path.join(os.path.dirname(path) or ".", f"{arch.replace(':', '-')}_target.pt")
+    atomic_save(target_state_dict(model), output)
+    if backbones.is_library(arch):
+        build = backbones.constructor_text(arch, k)
+    else:
+        build = (f"torchvision.models.{arch}(num_classes={k})" if get_arch(arch).imagenet
+                 else f"ahbf.models.create_plain({arch!r}, {k})")
     print(f"wrote {output}: the target branch of {describe(spec)} as a plain {arch} state dict\n"
           f"load it with: model = {build}; model.load_state_dict(torch.load({output!r}, weights_only=True))")
     return output

@@ -98,7 +98,7 @@ def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> R
                           "sample(s); BatchNorm needs 2 per step: use more data or fewer processes")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux).to(env.device)
+    model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux, split=m.split).to(env.device)
     if t.sync_bn and env.distributed:
         convert_sync_batchnorm(model)
     if t.channels_last:

@@ -21,16 +21,17 @@ from ..kernels.analytic import TRITON_MAX_BRANCHES
 from ..kernels.okd import BACKENDS, okd_loss
 from ..kernels.reference import minlogit_target
 from ..methods import PLAIN, get_method
-from ..models import default_aux
+from ..models import backbones, default_aux
 from .config import ConfigError, ModelConfig, ObjectiveConfig, TrainConfig
 from .schedules import kd_ramp
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    """Fill the 'SPEC default' values of the model config."""
-    aux = default_aux(cfg.arch, cfg.method) if cfg.aux in ("auto", -1) else cfg.aux
+    """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
+    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else ""  # "": fixed
+    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux in ("auto", -1) else cfg.aux
     branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
-    return dataclasses.replace(cfg, aux=aux, num_branches=branches)
+    return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
 
 
 def resolve_objective(cfg: ObjectiveConfig, method: str, epochs: int | None = None) -> ObjectiveConfig:

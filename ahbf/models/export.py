@@ -3,25 +3,27 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .backbones import LibraryTrunk
 from .registry import create_plain
 from .peers import TemporalMeanNet
 from .resnet import MultiBranchNet, PeerNet
 
 
 def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """State dict of the plain network equal to trunk + branch 0 (torchvision names for ImageNet)."""
+    """State dict of the plain network equal to trunk + branch 0 (torchvision names for ImageNet; the library's
+    names for torchvision:<name> / timm:<name> models, whose trunk and branches hold the library model as ``net``)."""
     if isinstance(model, PeerNet):
         model = model.peers[0]
     if isinstance(model, TemporalMeanNet):
         model = model.student
     if not isinstance(model, MultiBranchNet):
         raise ValueError(f"model: expected an ahbf multi-branch model, got {type(model).__name__}")
+    inner = "net." if isinstance(model.trunk, LibraryTrunk) else ""
     out = {}
     for key, value in model.state_dict().items():
-        if key.startswith("trunk."):
-            out[key[len("trunk."):]] = value.detach().clone()
-        elif key.startswith("branches.0."):
-            out[key[len("branches.0."):]] = value.detach().clone()
+        for prefix in (f"trunk.{inner}", f"branches.0.{inner}"):
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = value.detach().clone()
     return out
 
 

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from ..methods import METHODS, PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_for
-from . import densenet, mobilenet, vgg
+from . import backbones, densenet, mobilenet, vgg
 from .peers import TemporalMeanNet
 from .resnet import CifarResNet, MultiBranchNet, PeerNet
 
@@ -48,9 +48,12 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
-def default_aux(arch: str, method: str) -> int:
+def default_aux(arch: str, method: str, split: str | None = None) -> int:
     """SPEC 2: aux = 4 for CIFAR ResNets and 2 for ImageNet under AHBF; identical branches otherwise.
-    VGG, DenseNet, MobileNetV2: 2, the reference script's default (docs/models.md)."""
+    VGG, DenseNet, MobileNetV2: 2, the reference script's default; torchvision / timm models: 2 where the
+    branch has a repeatable stage, else 0 (docs/models.md)."""
+    if backbones.is_library(arch):
+        return backbones.default_aux(arch, method, split)
     if method != "ahbf":
         return 0
     a = get_arch(arch)
@@ -58,19 +61,25 @@ def default_aux(arch: str, method: str) -> int:
 
 
 def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
-                 aux: int | None = None) -> nn.Module:
+                 aux: int | None = None, split: str | None = None) -> nn.Module:
     """Build the model of ``method`` (a record of ``ahbf.methods``: its model kind, families, least branch count).
 
-    Every model returns ``BranchOutput(logits, scores)``; ``model.spec`` records the arguments.
+    ``arch`` is a name of ``ARCHS`` or ``torchvision:<name>`` / ``timm:<name>``, cut before the stage ``split``
+    (``ahbf.models.backbones``: every method builds on those). Every model returns ``BranchOutput(logits,
+    scores)``; ``model.spec`` records the arguments (with the resolved ``split`` for torchvision / timm models).
     """
-    a = get_arch(arch)
+    library = backbones.is_library(arch)
+    a = None if library else get_arch(arch)
     m = get_method(method)
-    if a.family not in m.families:
+    if split not in (None, "", "auto") and not library:
+        raise ValueError(f"split applies to torchvision:<name> / timm:<name> models; {arch} has a fixed split")
+    split = backbones.resolve_split(arch, split) if library else None
+    if not library and a.family not in m.families:
         built = "the ResNets" if m.families == ("resnet",) else "the " + ", ".join(m.families) + " families"
         raise ValueError(f"method {method!r} is built for {built} only; {arch} takes {methods_for(a.family)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    aux = default_aux(arch, method) if aux is None else aux
+    aux = default_aux(arch, method, split) if aux is None else aux
     if aux < 0:
         raise ValueError(f"aux must be >= 0, got {aux}")
     if m.model == PLAIN:
@@ -81,6 +90,8 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
         raise ValueError(f"aux must be 0 for {method} (identical peers), got {aux}")
 
     def build(n: int, meth: str) -> MultiBranchNet:
+        if library:
+            return backbones.multi_branch(arch, num_classes, n, aux, meth, split)
         if a.family != "resnet":
             return FAMILIES[a.family].multi_branch(a, num_classes, n, aux, meth)
         return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, n, aux, meth)
@@ -92,11 +103,16 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
     else:  # MULTI_BRANCH, or PLAIN: a one-branch network
         model = build(num_branches, method)
     model.spec = dict(arch=arch, method=method, num_classes=num_classes, num_branches=num_branches, aux=aux)
+    if library:
+        model.spec["split"] = split
     return model
 
 
 def create_plain(arch: str, num_classes: int) -> nn.Module:
-    """The plain single network that a target branch exports to (torchvision's for ImageNet)."""
+    """The plain single network that a target branch exports to (torchvision's for ImageNet; the unmodified
+    library model for torchvision:<name> / timm:<name>)."""
+    if backbones.is_library(arch):
+        return backbones.build_library(arch, num_classes)
     a = get_arch(arch)
     if a.family != "resnet":
         return FAMILIES[a.family].plain(a, num_classes)
