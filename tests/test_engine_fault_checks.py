@@ -10,7 +10,8 @@ import torch
 
 from ahbf.engine.checkpoint import (CheckpointError, check_resumable, load_checkpoint, load_weights, newest_first,
                                     non_finite, remove_temporaries, save_checkpoint)
-from ahbf.engine.config import ConfigError, build_config, parse_interval
+from ahbf.engine.checks import parse_interval
+from ahbf.engine.config import ConfigError, build_config
 from ahbf.engine.task import resolve_model, resolve_objective
 from ahbf.kernels import build_graph
 from ahbf.kernels.okd import okd_loss

@@ -12,7 +12,8 @@ import sys
 from typing import Any, Callable
 
 from .checkpoint import CheckpointError
-from .config import CHOICES, SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
+from .checks import CHOICES
+from .config import SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
 from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, Preempted
 from .meters import NonFiniteLossError
 from .recipes import chosen_recipe

@@ -11,7 +11,8 @@ from ..evaluation import evaluate, format_table
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data
 from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
-from .config import config_from_dict, set_value, validate
+from .checks import validate
+from .config import config_from_dict, set_value
 from .distributed import resolve_device
 from .precision import AmpStepper, resolve_precision
 from .task import OKDTask, make_graph, resolve_objective

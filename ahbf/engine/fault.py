@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .checkpoint import remove_temporaries
-from .config import parse_interval
+from .checks import parse_interval
 from .distributed import any_rank, is_distributed
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
