@@ -29,7 +29,7 @@ from .schedules import kd_ramp
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
     """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
     split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else ""  # "": fixed
-    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux in ("auto", -1) else cfg.aux
+    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux == "auto" else cfg.aux
     branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
     return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
 
@@ -43,7 +43,7 @@ def resolve_objective(cfg: ObjectiveConfig, method: str, epochs: int | None = No
     epochs = TrainConfig().epochs if epochs is None else epochs
     return dataclasses.replace(
         cfg,
-        kd_weight=m.kd_weight if cfg.kd_weight in ("auto", -1) else cfg.kd_weight,
+        kd_weight=m.kd_weight if cfg.kd_weight == "auto" else cfg.kd_weight,
         ramp=m.ramp if cfg.ramp == "auto" else cfg.ramp,
         rampup=round(m.rampup * epochs, 6) if cfg.rampup == "auto" else cfg.rampup,
         detach_teacher=m.detach if cfg.detach_teacher == "auto" else cfg.detach_teacher)
