@@ -167,7 +167,7 @@ def test_step_control_saves_every_n_steps_or_minutes_and_on_a_signal():
 
 
 def test_export_of_a_checkpoint_with_reshaped_weights_is_one_line(tmp_path):
-    from ahbf.engine.evaluate import run_export
+    from ahbf.engine.eval_export import run_export
 
     _, state = small_state()
     state["model"]["branches.0.fc.weight"] = torch.zeros(10, 3)
@@ -177,7 +177,7 @@ def test_export_of_a_checkpoint_with_reshaped_weights_is_one_line(tmp_path):
 
 
 def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
-    from ahbf.engine.evaluate import run_eval
+    from ahbf.engine.eval_export import run_eval
 
     _, state = small_state()
     state["model"]["branches.0.fc.bias"] = torch.full((10,), float("nan"))

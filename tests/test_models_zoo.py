@@ -9,7 +9,7 @@ import torch
 from ahbf.kernels import build_graph, okd_objective_reference
 from ahbf.models import create_model, create_plain, export_target, target_state_dict
 from ahbf.models import densenet, mobilenet, vgg
-from ahbf.models.reference import from_reference, load_reference
+from ahbf.models.paper_weights import from_reference, load_reference
 from ahbf.models.registry import ARCHS, Arch, default_aux
 from tests.utils import sgd_losses
 

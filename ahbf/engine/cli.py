@@ -193,7 +193,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from .evaluate import run_eval
+    from .eval_export import run_eval
 
     args = eval_parser().parse_intermixed_args(argv)
 
@@ -214,7 +214,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    from .evaluate import run_export
+    from .eval_export import run_export
 
     args = export_parser().parse_args(argv)
     return _run("ahbf-export", lambda: run_export(args.checkpoint, args.output))
