@@ -163,7 +163,7 @@ def test_a_final_batch_of_one_sample_is_skipped(tmp_path, capsys):
 
 def test_eval_does_not_prescan_every_image(run_dir, monkeypatch):
     """ahbf-eval must not check all training images up front (1.28M files for ImageNet) to evaluate a split."""
-    from ahbf.engine import evaluate as ev
+    from ahbf.engine import eval_export as ev
 
     seen, real = {}, ev.build_data
 

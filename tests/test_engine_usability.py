@@ -272,7 +272,7 @@ def test_eval_json_parses_and_matches_the_table(runs_dir, tmp_path, capsys, spli
 
 def test_eval_chooses_the_machine_again(runs_dir, monkeypatch):
     """config.yaml records the training machine's device and decoder; evaluation elsewhere must not need them."""
-    from ahbf.engine import evaluate as ev
+    from ahbf.engine import eval_export as ev
 
     _, first, _, _ = runs_dir
     seen, real = {}, ev.build_data
