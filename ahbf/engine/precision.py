@@ -1,6 +1,7 @@
 """Mixed precision: one object owns autocast, loss scaling, backward, unscale, clipping and the step."""
 from __future__ import annotations
 
+import re
 from typing import ContextManager, Iterable
 
 import torch
@@ -11,11 +12,25 @@ from .config import ConfigError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (the ``avx512_bf16`` or ``amx_bf16`` flag of /proc/cpuinfo). Without
+    it bf16 autocast is emulated: on the AVX2-only AMD EPYC of 2026-12-04 a 3x3 convolution ran 10x slower in
+    bf16 than in fp32 and the demo trained at 35 img/s against 400 (measured)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"\b(avx512_bf16|amx_bf16)\b", f.read()) is not None
+    except OSError:  # not Linux: no cheap way to know, and fp32 is never the slow choice
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CPU and on GPUs that support it, fp16 (with loss scaling) on older GPUs."""
+    """``auto``: bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other
+    CPUs, fp16 (with loss scaling) on older GPUs."""
     if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp16"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu":
+            return "bf16" if cpu_has_bf16() else "fp32"
         return "bf16"
     if precision not in DTYPES:
         raise ConfigError(f"train.precision: unknown value '{precision}'; choose from auto, {', '.join(DTYPES)}")
