@@ -95,7 +95,7 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ahbf-train",
         description="Train a network with online knowledge distillation (--method: AHBF or a peer method, "
-                    "docs/methods.md; baseline: a plain network). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (about a minute on "
+                    "docs/methods.md; baseline: a plain network). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (1-2.5 minutes on "
                     "2 free CPU cores). --dataset cifar10 | cifar100 | imagenet without -c applies that data set's "
                     "paper recipe (configs/<dataset>_resnet32_ahbf.yaml, imagenet_resnet18_ahbf.yaml); "
                     "flags override it.",
