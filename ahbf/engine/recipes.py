@@ -19,13 +19,9 @@ FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 NAMES = tuple(sorted(f[:-5] for f in os.listdir(FOLDER) if f.endswith(".yaml")))
 
 
-def path(name: str) -> str:
-    return os.path.join(FOLDER, f"{name}.yaml")
-
-
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> str:
-    with open(path(name)) as f:
+    with open(os.path.join(FOLDER, f"{name}.yaml")) as f:
         return f.read()
 
 
