@@ -119,13 +119,13 @@ def sm90_registers(ctx: dict, K: int, n_variants: int) -> list[dict]:
 def variant_error(case, cfg) -> float:
     """Max relative error (loss, terms, fp32 gradients) of one launch configuration against float64."""
     from ahbf.kernels import okd_objective_reference
-    from ahbf.kernels.analytic import encode_graph, score_matrix
+    from ahbf.kernels.encoding import encode, score_matrix
 
     z64 = [t.detach().double().requires_grad_() for t in case.z]
     s64 = [t.detach().double().requires_grad_() for t in case.s]
     ref, _ = okd_objective_reference(z64, s64, case.labels, case.graph, objective_table.T, objective_table.KD_SCALE)
     ref_grads = torch.autograd.grad(ref, z64 + s64)
-    enc = encode_graph(case.graph, case.z[0].device)
+    enc = encode(case.graph)
     scores = score_matrix([t.detach() for t in case.s], case.graph, case.z[0]).contiguous()
     kd = torch.full((1,), objective_table.KD_SCALE, device=case.z[0].device)
     loss, _, dz, ds = triton_okd.okd_fused_triton([t.detach() for t in case.z], scores, case.labels, kd, enc,

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from ahbf.kernels import build_graph  # noqa: E402
 from ahbf.kernels import triton_okd  # noqa: E402
-from ahbf.kernels.analytic import encode_graph  # noqa: E402
+from ahbf.kernels.encoding import encode  # noqa: E402
 
 # (label, tile elements NP x BK, num_warps, rows per program); the first is the default launch_config
 VARIANTS = [("default", None, None, 1), ("tile 4096, 8 warps", 4096, 8, 1), ("tile 4096, 4 warps", 4096, 4, 1),
@@ -62,7 +62,7 @@ def _signature(dtype: str) -> dict[str, str]:
 def sm90_resources(method: str, M: int, dtype: str, K: int, tile: int | None, num_warps: int | None,
                    rows: int) -> dict:
     """Compile one variant for sm_90; registers per thread, spills and programs per SM."""
-    enc = encode_graph(build_graph(method, M), "cpu")
+    enc = encode(build_graph(method, M))
     names = triton_okd._okd_fused_kernel.arg_names
     cfg = triton_okd.launch_config(enc.num_nodes, K, 256, tile=tile, num_warps=num_warps, rows=rows)
     S = enc.score_cols

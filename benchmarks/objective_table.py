@@ -208,9 +208,9 @@ def triton_kernel_only(case: Case, cfg=None):
     """The fused kernel's forward launch alone (loss + fp32 gradients), for ``kernel_ms``; ``cfg``: a
     ``triton_okd.LaunchConfig`` (default: the default tile)."""
     from ahbf.kernels import triton_okd
-    from ahbf.kernels.analytic import encode_graph, score_matrix
+    from ahbf.kernels.encoding import encode, score_matrix
 
-    enc = encode_graph(case.graph, case.z[0].device)
+    enc = encode(case.graph)
     z = [t.detach() for t in case.z]
     scores = score_matrix([t.detach() for t in case.s], case.graph, z[0]).contiguous()
     kd = torch.full((1,), KD_SCALE, device=z[0].device)

@@ -15,7 +15,8 @@ import torch
 from ahbf.kernels import (BACKENDS, DistillGraph, Ensemble, KLEdge, ahbf_graph, baseline_graph, dml_graph, okd_loss,
                           okd_objective_reference, one_graph)
 from ahbf.kernels import triton_okd
-from ahbf.kernels.analytic import encode_graph, okd_analytic, score_matrix
+from ahbf.kernels.analytic import okd_analytic
+from ahbf.kernels.encoding import encode, score_matrix
 from tests.utils import assert_close
 
 # (dtype, atol relative to max |reference|, rtol)
@@ -203,7 +204,7 @@ def test_unknown_backend():
 def test_analytic_formulation_matches_float64(graph):
     z, s, y = make_inputs(graph, 5, 23, torch.float64)
     ref_loss, ref_terms, ref_grads = reference64(z, s, y, graph, 2.0, 0.6, 1.0)
-    enc = encode_graph(graph, "cpu")
+    enc = encode(graph)
     s_leaf = [t.clone().requires_grad_() for t in s]
     scores = score_matrix(s_leaf, graph, z[0])
     loss, ce, kd, dz, ds = okd_analytic(z, scores.detach(), y, 2.0, torch.tensor(0.6, dtype=torch.float64), enc=enc)
@@ -216,12 +217,11 @@ def test_analytic_formulation_matches_float64(graph):
 def test_custom_op_registrations():
     g = ahbf_graph(3)
     z, s, y = make_inputs(g, 3, 11)
-    from ahbf.kernels.okd import graph_to_args, okd_fused
-    ints, floats = graph_to_args(g)
+    from ahbf.kernels.okd import okd_fused
     scores = score_matrix(s, g, z[0]).contiguous().requires_grad_()
     z = [t.requires_grad_() for t in z]
     for impl in ("analytic", "triton"):
-        args = (z, scores, y, torch.tensor(0.5), ints, floats, 3.0, impl, True)
+        args = (z, scores, y, torch.tensor(0.5), g.key, 3.0, impl, True)
         torch.library.opcheck(okd_fused, args, test_utils=("test_schema", "test_autograd_registration",
                                                             "test_faketensor"))
 
@@ -257,7 +257,7 @@ def test_import_without_triton():
         "okd.TRITON_AVAILABLE = False\n"
         "g = k.ahbf_graph(2); z = [torch.randn(2, 5) for _ in range(2)]; s = [torch.randn(2, 2)]\n"
         "assert k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='eager')[0].isfinite()\n"
-        "assert okd.resolve_backend('auto', z) == 'compiled'\n"
+        "assert okd.choose_backend('auto', z) == 'compiled'\n"
         "try:\n"
         "    k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='triton')\n"
         "except RuntimeError as e:\n"
@@ -306,9 +306,8 @@ def test_float64_python_kd_scale_is_exact(backend):
     zl = [t.clone().requires_grad_() for t in z]
     sl = [t.clone().requires_grad_() for t in s]
     if backend == "analytic":  # the uncompiled formulation, through the same custom op
-        ints, floats = okd.graph_to_args(g)
         scores = score_matrix(sl, g, zl[0])
-        out = okd.okd_fused(zl, scores, y, okd._kd_tensor(kd, zl[0].device, torch.float64), ints, floats, 3.0,
+        out = okd.okd_fused(zl, scores, y, okd._kd_tensor(kd, zl[0].device, torch.float64), g.key, 3.0,
                             "analytic", True)
         loss = out[0]
     else:
@@ -324,7 +323,7 @@ def test_launch_configurations(rows, block_k):
     """Several rows per program (B = 7 not a multiple), forced chunks; the last program's reduction."""
     g = ahbf_graph(4)
     z, s, y = make_inputs(g, 7, 50)
-    enc = encode_graph(g, "cpu")
+    enc = encode(g)
     scores = score_matrix(s, g, z[0]).contiguous()
     kd = torch.tensor([0.75])
     loss, terms, dz, ds = triton_okd.okd_fused_triton(z, scores, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)

@@ -16,7 +16,8 @@ from torch import nn
 from ahbf.engine.config import ConfigError, ObjectiveConfig, build_config
 from ahbf.engine.task import OKDTask, make_graph, resolve_objective
 from ahbf.kernels import build_graph, okd_loss, okd_objective_reference
-from ahbf.kernels.analytic import encode_graph, okd_analytic, score_matrix
+from ahbf.kernels.analytic import okd_analytic
+from ahbf.kernels.encoding import encode, score_matrix
 from ahbf.kernels.reference import minlogit_target
 from ahbf.models.resnet import BranchOutput
 
@@ -153,7 +154,7 @@ def test_eps_in_the_analytic_formulation_matches_the_reference(method):
     scores = score_matrix(s, graph, z[0])
     kd = torch.tensor(0.7, dtype=torch.float64)
     loss, *_, dz, ds = okd_analytic([t.detach() for t in z], scores.detach(), y, 3.0, kd,
-                                    enc=encode_graph(graph, "cpu"), eps=1e-3)
+                                    enc=encode(graph), eps=1e-3)
     assert abs(loss.item() - ref.item()) < 1e-10
     g = torch.autograd.grad(ref, z + s, allow_unused=True)
     for i in range(len(z)):
@@ -174,9 +175,9 @@ def test_eps_through_the_fused_op_and_the_backend_switch():
     check(loss, ref, z + s)
     with pytest.raises(ValueError, match="eps"):
         okd_loss(z, s, y, graph, 3.0, 0.5, backend="triton", eps=1e-7)
-    from ahbf.kernels.okd import resolve_backend
+    from ahbf.kernels.okd import choose_backend
     cuda_like = [torch.empty(2, 3, device="meta")]
-    assert resolve_backend("auto", cuda_like, eps=1e-7) == "compiled"
+    assert choose_backend("auto", cuda_like, eps=1e-7) == "compiled"
     with pytest.raises(ConfigError, match="objective.eps"):
         build_config(overrides=[("objective.backend", "triton"), ("objective.eps", 1e-7)])
     with pytest.raises(ConfigError, match="objective.eps"):

@@ -152,11 +152,11 @@ def test_compiled_backend_serves_the_new_graphs(graph):
 
 
 def test_pcl_with_four_peers_has_nine_inputs_and_auto_falls_back_to_compiled_with_a_note(monkeypatch):
-    from ahbf.kernels.okd import resolve_backend
+    from ahbf.kernels.okd import choose_backend
     graph = build_graph("pcl", 4)
     assert graph.num_branches == 9
     z = [torch.zeros(2, 3, device="meta")] * 9
-    assert resolve_backend("auto", z) == "compiled"  # the Triton kernel has 8 branch slots
+    assert choose_backend("auto", z) == "compiled"  # the Triton kernel has 8 branch slots
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.warns(UserWarning, match="9 input tensors.*compiled"):
         OKDTask(None, graph, resolve_objective(ObjectiveConfig(), "pcl"))

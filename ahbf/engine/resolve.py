@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..kernels.okd import resolve_backend
+from ..kernels.okd import choose_backend
 from ..pipelines import DataBundle
 from .config import ConfigError, RunConfig
 from .distributed import DistEnv, any_rank, default_threads
@@ -97,7 +97,7 @@ def objective_backend(cfg: RunConfig, device: torch.device) -> str:
         return cfg.objective.backend
     dtype = DTYPES.get(cfg.train.precision) or torch.float32  # fp32: no autocast dtype
     z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
-    return resolve_backend("auto", z, cfg.objective.eps)
+    return choose_backend("auto", z, cfg.objective.eps)
 
 
 def record_built(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv) -> RunConfig:

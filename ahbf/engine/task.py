@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels import all_node_logits
 from ..kernels.graph import DistillGraph
-from ..kernels.analytic import TRITON_MAX_BRANCHES
-from ..kernels.okd import BACKENDS, okd_loss
+from ..kernels.okd import BACKENDS, TRITON_AVAILABLE, okd_loss, triton_max_branches
 from ..kernels.reference import minlogit_target
 from ..methods import PLAIN, get_method
 from ..models import backbones, default_aux
@@ -80,9 +79,10 @@ class OKDTask:
             self.objective = functools.partial(self.objective, eps=cfg.eps)
         # KDCL-MinLogit: the soft target is built from the labels, so it is an input of training only
         self.minlogit = graph.name == "kdcl" and graph.names[-1:] == ("minlogit",)
-        if cfg.backend == "auto" and graph.num_branches > TRITON_MAX_BRANCHES and torch.cuda.is_available():
+        slots = triton_max_branches() if cfg.backend == "auto" and torch.cuda.is_available() and TRITON_AVAILABLE else 0
+        if graph.num_branches > slots > 0:
             warnings.warn(f"objective: the {graph.name} graph has {graph.num_branches} input tensors, more than the "
-                          f"Triton kernel's {TRITON_MAX_BRANCHES}: backend auto runs the compiled backend", stacklevel=2)
+                          f"Triton kernel's {slots}: backend auto runs the compiled backend", stacklevel=2)
         self.kd_scale = 0.0
         self.set_epoch(0)
 

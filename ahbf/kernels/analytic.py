@@ -29,135 +29,23 @@ so that, with logp_n = log p_n stacked over nodes,
 Rows of A_w and A_t sum to zero, so their log-sum-exp parts cancel: ``(A logp)_n = (A x / T)_n`` up to a
 per-row constant, which lets the Triton kernel accumulate these sums online over chunks of classes.
 
-The graph is encoded once per graph and device (:class:`GraphTensors`): as small tensors for the
-Triton kernel, and as Python constants (the nonzero entries of each mixing-matrix row) that
-:func:`okd_analytic` unrolls, so ``torch.compile`` (``okd.py``) specialises it per graph and fuses each
-node's work into a few passes over [B, K]. Measured on a 2-core CPU (B=256, K=1000, AHBF M=4), the
-unrolled sparse form was the fastest of three compiled variants: edge gathers ``logp[edge_index]`` plus
+The graph is encoded once (``encoding.py``): the matrices as a table for the Triton kernel, and as Python
+constants (the nonzero entries of each row) that :func:`okd_analytic` unrolls, so ``torch.compile``
+(``okd.py``) specialises it per graph and fuses each node's work into a few passes over [B, K]. Measured
+on a 2-core CPU (B=256, K=1000, AHBF M=4), the unrolled sparse form was the fastest of three compiled variants: edge gathers ``logp[edge_index]`` plus
 ``index_add`` ran slower than eager (inductor's indirect indexing does not vectorise), dense ``A @ logp``
 over a stacked [N, B, K] tensor reached about 2.7x, this form about 4x.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .encoding import TEACHER_OWN, TEACHER_SAME, EncodedGraph
 from .graph import DistillGraph
 from .reference import compute_dtype, grad_dtype
-
-TRITON_MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 of the Triton kernel
-
-TEACHER_NONE, TEACHER_SAME, TEACHER_OWN = 0, 1, 2  # how teacher-side KL gradients are formed (see mix_t)
-
-
-@dataclass(frozen=True, eq=False)
-class GraphTensors:
-    """A distillation graph as small tensors on one device.
-
-    Score columns: the fused op reads one ``B x S`` score matrix (:func:`score_matrix`), the
-    concatenation of ``s[ens.score]`` (zeros for an equal-weight ensemble) over the ensembles in order,
-    so ensemble ``k`` owns columns ``ens_col[k] : ens_col[k] + ens_width[k]``. A score tensor used by
-    two ensembles appears twice; autograd of the concatenation sums its gradient back.
-    """
-
-    graph: DistillGraph
-    ens_inputs: Tensor   # int32 [E, max width], padded with 0
-    ens_col: Tensor      # int32 [E], first score column of ensemble k
-    ens_width: Tensor    # int32 [E]
-    ce_count: Tensor     # float32 [N], number of CE terms on each node (0, 1, ...)
-    mix_w: Tensor        # float32 [N, N], A_w above
-    mix_t: Tensor        # float32 [N, N], A_t above
-    mix_s: Tensor        # float32 [N, N], A_s above
-    teacher_mode: int    # TEACHER_NONE: A_t == 0; TEACHER_SAME: A_t == A_w; TEACHER_OWN: otherwise
-    # the same as Python constants, for the compiled formulation: CE counts, and per node the nonzero
-    # entries (m, a[n, m]) of each mixing matrix
-    ce_weights: tuple[float, ...]
-    rows_w: tuple[tuple[tuple[int, float], ...], ...]
-    rows_t: tuple[tuple[tuple[int, float], ...], ...]
-    rows_s: tuple[tuple[tuple[int, float], ...], ...]
-
-    @property
-    def num_branches(self) -> int:
-        return self.graph.num_branches
-
-    @property
-    def num_nodes(self) -> int:
-        return self.graph.num_nodes
-
-    @property
-    def num_ensembles(self) -> int:
-        return len(self.graph.ensembles)
-
-    @property
-    def max_width(self) -> int:
-        return max((len(e.inputs) for e in self.graph.ensembles), default=1)
-
-    @property
-    def score_cols(self) -> int:
-        return sum(len(e.inputs) for e in self.graph.ensembles)
-
-
-_ENCODINGS: dict[tuple[DistillGraph, torch.device], GraphTensors] = {}
-
-
-def mixing_matrices(graph: DistillGraph) -> tuple[Tensor, Tensor, Tensor]:
-    """(A_w, A_t, A_s) of the module docstring, float64 on CPU."""
-    N = graph.num_nodes
-    a_w, a_t, a_s = (torch.zeros(N, N, dtype=torch.float64) for _ in range(3))
-    for e in graph.kl_edges:
-        wt = 0.0 if e.detach else e.weight
-        a_w[e.teacher, e.teacher] += e.weight
-        a_w[e.teacher, e.student] -= e.weight
-        a_t[e.teacher, e.teacher] += wt
-        a_t[e.teacher, e.student] -= wt
-        a_s[e.student, e.student] += e.weight
-        a_s[e.student, e.teacher] -= e.weight
-    return a_w, a_t, a_s
-
-
-def _sparse_rows(a: Tensor) -> tuple[tuple[tuple[int, float], ...], ...]:
-    return tuple(tuple((m, float(a[n, m])) for m in range(a.shape[1]) if a[n, m] != 0) for n in range(a.shape[0]))
-
-
-def encode_graph(graph: DistillGraph, device: torch.device | str) -> GraphTensors:
-    """The tensor encoding of ``graph`` on ``device``; cached, so built once per graph and device."""
-    device = torch.device(device)
-    enc = _ENCODINGS.get((graph, device))
-    if enc is None:
-        ens = graph.ensembles
-        width = max((len(e.inputs) for e in ens), default=1)
-        inputs = [list(e.inputs) + [0] * (width - len(e.inputs)) for e in ens] or [[0] * width]
-        cols = [sum(len(e.inputs) for e in ens[:k]) for k in range(len(ens))]
-        a_w, a_t, a_s = mixing_matrices(graph)
-        mode = TEACHER_NONE if not a_t.any() else TEACHER_SAME if torch.equal(a_t, a_w) else TEACHER_OWN
-        i32, f32 = dict(dtype=torch.int32, device=device), dict(dtype=torch.float32, device=device)
-        ce_weights = tuple(float(graph.ce_nodes.count(n)) for n in range(graph.num_nodes))
-        enc = GraphTensors(
-            graph=graph,
-            ens_inputs=torch.tensor(inputs, **i32),
-            ens_col=torch.tensor(cols or [0], **i32),
-            ens_width=torch.tensor([len(e.inputs) for e in ens] or [0], **i32),
-            ce_count=torch.tensor(ce_weights, **f32),
-            mix_w=a_w.to(**f32), mix_t=a_t.to(**f32), mix_s=a_s.to(**f32), teacher_mode=mode,
-            ce_weights=ce_weights, rows_w=_sparse_rows(a_w), rows_t=_sparse_rows(a_t), rows_s=_sparse_rows(a_s))
-        _ENCODINGS[(graph, device)] = enc
-    return enc
-
-
-def score_matrix(s: Sequence[Tensor], graph: DistillGraph, like: Tensor) -> Tensor:
-    """The ``B x S`` score matrix the fused op reads (see :class:`GraphTensors`); ``B x 0`` without ensembles."""
-    if not graph.ensembles:
-        return like.new_zeros((like.shape[0], 0))
-    order = [e.score for e in graph.ensembles]
-    if order == [0]:
-        return s[0]
-    dt = s[0].dtype if s else like.dtype
-    zeros = {len(e.inputs): like.new_zeros((like.shape[0], len(e.inputs)), dtype=dt)
-             for e in graph.ensembles if e.score is None}  # equal-weight ensembles: softmax(0) = 1/n
-    return torch.cat([zeros[len(e.inputs)] if e.score is None else s[e.score] for e in graph.ensembles], dim=1)
 
 
 def _mix_row(row: tuple[tuple[int, float], ...], xs: list[Tensor]) -> Tensor | None:
@@ -204,7 +92,7 @@ def _kl_eps(graph: DistillGraph, p: list[Tensor], logp: list[Tensor], eps: float
 
 
 def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, kd_scale: Tensor, *,
-                 enc: GraphTensors, need_grad: bool = True, eps: float = 0.0):
+                 enc: EncodedGraph, need_grad: bool = True, eps: float = 0.0):
     """Loss, CE sum, KD sum and (if ``need_grad``) the loss gradients w.r.t. ``z`` and ``scores``.
 
     The graph's structure (ensembles, CE counts, nonzero entries of the mixing matrices) is read from

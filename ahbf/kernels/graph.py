@@ -16,7 +16,8 @@ DML, CL-ILR, OKDDip, KDCL, PCL and the plain baseline are constructors of this o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class DistillGraph:
     kl_edges: tuple[KLEdge, ...]
     names: tuple[str, ...] = ()
     """optional node names (evaluation tables); empty: branch<i> / ta<k>"""
+    key: int = field(init=False, repr=False, compare=False)
+    """content hash of the structure (not the names): what the fused op receives (:func:`graph_by_key`)"""
 
     def __post_init__(self):
         if self.num_branches < 1:
@@ -66,6 +69,7 @@ class DistillGraph:
                 raise ValueError(f"invalid KL edge {e}")
         if self.names and len(self.names) != self.num_nodes:
             raise ValueError(f"names: expected {self.num_nodes} node names, got {len(self.names)}")
+        _register(self)
 
     @property
     def num_nodes(self) -> int:
@@ -86,6 +90,35 @@ class DistillGraph:
         if self.names:
             return self.names[n]
         return f"branch{n}" if n < self.num_branches else f"ta{n - self.num_branches}"
+
+
+# ---- every graph is registered at construction under a content hash of its structure. The fused op takes
+# that key (an int) instead of the graph: a custom op cannot take a Python object, and a hash is the same
+# in every process (inductor's on-disk cache may replay a traced call in another one), unlike a counter.
+
+_REGISTRY: dict[int, DistillGraph] = {}
+
+
+def _structure(g: DistillGraph) -> tuple:
+    return (g.num_branches, tuple((e.inputs, e.score) for e in g.ensembles), g.ce_nodes,
+            tuple((e.student, e.teacher, e.weight, e.detach) for e in g.kl_edges))
+
+
+def _register(g: DistillGraph) -> None:
+    structure = _structure(g)
+    key = int.from_bytes(hashlib.blake2b(repr(structure).encode(), digest_size=7).digest(), "little")
+    object.__setattr__(g, "key", key)
+    known = _REGISTRY.setdefault(key, g)
+    if known is not g and _structure(known) != structure:  # 2^-56 per pair; never silently the wrong graph
+        raise RuntimeError(f"graph key collision between {known} and {g}")
+
+
+def graph_by_key(key: int) -> DistillGraph:
+    """The registered graph (the first constructed one) with this structure key."""
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise KeyError(f"no distillation graph with key {key} was built in this process") from None
 
 
 def ahbf_graph(num_branches: int, lambda1: float = 1.0, lambda2: float = 1.0,

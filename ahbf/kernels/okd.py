@@ -36,8 +36,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .analytic import TRITON_MAX_BRANCHES, GraphTensors, encode_graph, okd_analytic, score_matrix
-from .graph import DistillGraph, Ensemble, KLEdge
+from .analytic import okd_analytic
+from .encoding import EncodedGraph, encode, score_matrix
+from .graph import DistillGraph
 from .reference import check_inputs, compute_dtype, grad_dtype, okd_objective_reference
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
@@ -45,79 +46,40 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what auto sends to triton (fp64: on request)
 
 
-# ---- the graph as op arguments (ints and floats), decoded once per graph
-
-def graph_to_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
-    """Flatten a graph into ``(ints, floats)``: what the custom op receives instead of a Python object."""
-    ints = [graph.num_branches, len(graph.ensembles), len(graph.ce_nodes), len(graph.kl_edges)]
-    for ens in graph.ensembles:
-        ints += [len(ens.inputs), -1 if ens.score is None else ens.score, *ens.inputs]
-    ints += list(graph.ce_nodes)
-    for e in graph.kl_edges:
-        ints += [e.student, e.teacher, int(e.detach)]
-    return ints, [float(e.weight) for e in graph.kl_edges]
-
-
-@functools.lru_cache(maxsize=None)
-def graph_from_args(ints: tuple[int, ...], floats: tuple[float, ...]) -> DistillGraph:
-    """Inverse of :func:`graph_to_args` (cached: decoded once per graph)."""
-    it = iter(ints)
-    M, E, C, L = (next(it) for _ in range(4))
-    ensembles = []
-    for _ in range(E):
-        w, score = next(it), next(it)
-        ensembles.append(Ensemble(tuple(next(it) for _ in range(w)), None if score < 0 else score))
-    ce = tuple(next(it) for _ in range(C))
-    edges = tuple(KLEdge(next(it), next(it), floats[i], bool(next(it))) for i in range(L))
-    return DistillGraph("fused", M, tuple(ensembles), ce, edges)
-
-
-_ARGS: dict[DistillGraph, tuple[list[int], list[float]]] = {}
-
-
-def _cached_args(graph: DistillGraph) -> tuple[list[int], list[float]]:
-    """:func:`graph_to_args`, flattened once per graph (traced code flattens it at trace time)."""
-    if torch.compiler.is_compiling():
-        return graph_to_args(graph)
-    args = _ARGS.get(graph)
-    if args is None:
-        args = _ARGS[graph] = graph_to_args(graph)
-    return args
-
-
 # ---- the compiled analytic formulation, one per graph
 
-_COMPILED: dict[tuple[GraphTensors, bool, float], object] = {}
+_COMPILED: dict[tuple[int, bool, float], object] = {}
 
 
-def _compiled_fn(enc: GraphTensors, need_grad: bool, eps: float = 0.0):
+def _compiled_fn(enc: EncodedGraph, need_grad: bool, eps: float = 0.0):
     """``torch.compile`` of the analytic formulation for one (cached) graph encoding.
 
     All of these share one code object, so dynamo's per-function recompile limit (8 by default)
     counts graphs x dtypes x need_grad x shape changes together; past it the op runs the same
     formulation uncompiled (correct, slower) with a warning.
     """
-    fn = _COMPILED.get((enc, need_grad, eps))
+    key = (enc.graph.key, need_grad, eps)
+    fn = _COMPILED.get(key)
     if fn is None:
         # static shapes: a new batch shape compiles once more (the last batch, eval), but the training
         # shape keeps its static kernels (dynamic ones measured ~15% slower on CPU)
         fn = torch.compile(functools.partial(okd_analytic, enc=enc, need_grad=need_grad, eps=eps), dynamic=False)
-        _COMPILED[(enc, need_grad, eps)] = fn
+        _COMPILED[key] = fn
     return fn
 
 
 # ---- the custom op
 
 @torch.library.custom_op("ahbf::okd_fused", mutates_args=())
-def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, graph_ints: list[int],
-              graph_floats: list[float], T: float, impl: str, need_grad: bool, eps: float = 0.0) -> list[Tensor]:
+def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, graph_key: int, T: float,
+              impl: str, need_grad: bool, eps: float = 0.0) -> list[Tensor]:
     """``[loss, terms, dz_0 .. dz_{M-1}, dscores]``, ``terms = [ce, kd]``; no dz / dscores without ``need_grad``.
 
-    ``impl``: ``triton``, ``compiled`` or ``analytic`` (the uncompiled formulation, for debugging).
-    ``eps``: the teacher-probability offset of the KL (``reference.kl_t``); the Triton kernel takes 0 only.
+    ``graph_key``: the graph's ``DistillGraph.key``. ``impl``: ``triton``, ``compiled`` or ``analytic`` (the
+    uncompiled formulation, for debugging). ``eps``: the teacher-probability offset of the KL
+    (``reference.kl_t``); the Triton kernel takes 0 only.
     """
-    graph = graph_from_args(tuple(graph_ints), tuple(graph_floats))
-    enc = encode_graph(graph, z[0].device)
+    enc = encode(graph_key)
     if impl == "triton":
         if eps:
             raise ValueError(f"eps: the Triton kernel computes the exact KL (eps = 0), got {eps}")
@@ -133,7 +95,7 @@ def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor,
 
 
 @okd_fused.register_fake
-def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad, eps=0.0):
+def _(z, scores, labels, kd_scale, graph_key, T, impl, need_grad, eps=0.0):
     dt = compute_dtype(z[0])
     out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
     if not need_grad:
@@ -142,12 +104,11 @@ def _(z, scores, labels, kd_scale, graph_ints, graph_floats, T, impl, need_grad,
 
 
 def _setup_context(ctx, inputs, output):
-    kd_scale, need_grad = inputs[3], inputs[8]
+    kd_scale, need_grad = inputs[3], inputs[7]
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
     ctx.dtypes = [t.dtype for t in (*inputs[0], inputs[1])]  # what backward casts each gradient to, last
     ctx.has_grads = need_grad
-    ctx.no_kl_edges = not inputs[5]           # backward must mirror an empty graph_floats list as []
     ctx.set_materialize_grads(False)          # only the loss is differentiable: no zero-filled grads for the rest
     ctx.mark_non_differentiable(*output[1:])
     if need_grad:
@@ -167,7 +128,7 @@ def _backward(ctx, grads):
         for i, c in zip(low, cast):
             scaled[i] = c
     dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
-    return scaled[:-1], scaled[-1], None, dkd, None, [] if ctx.no_kl_edges else None, None, None, None, None
+    return scaled[:-1], scaled[-1], None, dkd, None, None, None, None, None
 
 
 okd_fused.register_autograd(_backward, setup_context=_setup_context)
@@ -191,13 +152,20 @@ def _kd_tensor(value: float, device: torch.device, dtype: torch.dtype) -> Tensor
     return t
 
 
-def resolve_backend(backend: str, z: Sequence[Tensor], eps: float = 0.0) -> str:
+def triton_max_branches() -> int:
+    """The Triton kernel's branch slots (imports triton: call it only where ``TRITON_AVAILABLE``)."""
+    from .triton_okd import MAX_BRANCHES
+
+    return MAX_BRANCHES
+
+
+def choose_backend(backend: str, z: Sequence[Tensor], eps: float = 0.0) -> str:
     """The backend ``okd_loss`` runs for ``backend``, branch logits ``z`` and KL offset ``eps`` (Triton: 0 only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and len(z) <= TRITON_MAX_BRANCHES and not eps
-        return "triton" if fits and TRITON_AVAILABLE else "compiled"
+        fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and not eps and TRITON_AVAILABLE
+        return "triton" if fits and len(z) <= triton_max_branches() else "compiled"
     return backend
 
 
@@ -217,7 +185,7 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     check_inputs(z, s, labels, graph)
     if not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps}")
-    backend = resolve_backend(backend, z, eps)
+    backend = choose_backend(backend, z, eps)
     if backend == "eager":
         return okd_objective_reference(z, s, labels, graph, T, kd_scale, eps)
     if backend == "triton" and eps:
@@ -240,8 +208,7 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
         kd_scale = _kd_tensor(float(kd_scale), z[0].device, compute_dtype(z[0]))
     elif kd_scale.device != z[0].device:
         kd_scale = kd_scale.to(z[0].device)  # one small copy: keep kd_scale on the logits' device
-    ints, floats = _cached_args(graph)  # flattened, decoded and encoded once per graph
     need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
-    out = okd_fused(z, scores, labels, kd_scale, ints, floats, float(T), backend, need_grad, float(eps))
+    out = okd_fused(z, scores, labels, kd_scale, graph.key, float(T), backend, need_grad, float(eps))
     terms = out[1].detach()
     return out[0], {"ce": terms[0], "kd": terms[1]}

@@ -15,7 +15,7 @@ register tile, rebuilt from the branch logits for each chunk of ``BK`` classes (
 rounded up to a power of two). Pass 1 streams the chunks once with an online softmax and keeps, per
 node, the running max and sum at temperature T and at 1, the label logit, and the running
 ``sum_k exp(y - max) * (A y)`` with ``y = x / T`` (A = the KL mixing matrices of ``analytic.py``,
-which fold all KL edges into N x N matrices). That gives the row's CE and KL terms. Pass 2 streams the
+which fold all KL edges into N x N matrices; ``encoding.py`` lays the graph out as two tables). That gives the row's CE and KL terms. Pass 2 streams the
 chunks again and writes the gradient of every branch logit and every score column:
 
     D_n    = ce_count_n / B * (softmax(x_n) - onehot(y))
@@ -41,10 +41,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .analytic import TRITON_MAX_BRANCHES, GraphTensors, mixing_matrices
+from . import encoding
+from .encoding import EncodedGraph
 from .reference import compute_dtype, grad_dtype
 
-MAX_BRANCHES = TRITON_MAX_BRANCHES  # pointer slots z0..z7 / dz0..dz7 below
+MAX_BRANCHES = 8  # pointer slots z0..z7 / dz0..dz7 below (okd.py's ``auto`` reads it)
+# how teacher-side KL gradients are formed (encoding.py): a compile-time switch of the kernel
+_TEACHER_NONE: tl.constexpr = tl.constexpr(encoding.TEACHER_NONE)
+_TEACHER_OWN: tl.constexpr = tl.constexpr(encoding.TEACHER_OWN)
 
 
 @triton.jit
@@ -145,7 +149,7 @@ def _stats_chunk(X, mask, offs, y, inv_T, mT, lT, m1, l1, pick, acc_w, acc_t, mi
     l1 = l1 * tl.exp(m1 - m1_new) + tl.sum(e1, axis=1)
     pick += tl.sum(tl.where(offs[None, :] == y, X, 0.0), axis=1)
     acc_w = acc_w * alpha + tl.sum(eT * _mix(mixw_ptr, Y, N, NP), axis=1)
-    if TEACHER == 2:  # analytic.TEACHER_OWN: the teacher-side mixing differs from the loss mixing
+    if TEACHER == _TEACHER_OWN:  # the teacher-side mixing differs from the loss mixing
         acc_t = acc_t * alpha + tl.sum(eT * _mix(mixt_ptr, Y, N, NP), axis=1)
     return mT_new, lT, m1_new, l1, pick, acc_w, acc_t
 
@@ -167,7 +171,7 @@ def _grad_chunk(X, mask, offs, y, inv_T, mT, logT, m1, log1, e_t, ce_w, coef, dg
     onehot = tl.where(offs == y, 1.0, 0.0)
     D = (ce_w * inv_B)[:, None] * (Q - onehot[None, :])
     D += coef * _mix(mixs_ptr, P, N, NP)
-    if TEACHER != 0:  # not analytic.TEACHER_NONE
+    if TEACHER != _TEACHER_NONE:
         D += coef * P * (_mix(mixt_ptr, Y, N, NP) - e_t[:, None])
     for kk in range(n_ens):
         k = n_ens - 1 - kk
@@ -243,7 +247,7 @@ def _okd_row(z0, z1, z2, z3, z4, z5, z6, z7, dz0, dz1, dz2, dz3, dz4, dz5, dz6, 
     if NEED_GRAD:
         coef = tl.load(kd_scale_ptr).to(ACC) * T * inv_B
         e_t = e_w
-        if TEACHER == 2:
+        if TEACHER == _TEACHER_OWN:
             e_t = tl.where(node_ok, acc_t / lT, 0.0)
         dg = tl.zeros([SP], ACC)
         if ONE_CHUNK:
@@ -278,7 +282,7 @@ def _okd_fused_kernel(
     z0, z1, z2, z3, z4, z5, z6, z7,            # branch logits, B x K contiguous (unused slots repeat z0)
     dz0, dz1, dz2, dz3, dz4, dz5, dz6, dz7,    # their gradients (written when NEED_GRAD)
     s_ptr, ds_ptr, labels_ptr, kd_scale_ptr, part_ptr, out_ptr, terms_ptr,
-    gi_ptr, gf_ptr,                            # the graph as an int32 and an ACC table (graph_tables)
+    gi_ptr, gf_ptr,                            # the graph as an int32 and an ACC table (EncodedGraph.tables)
     B, K_units, S, n_ens, inv_B,
     M: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, WMAX: tl.constexpr, WP: tl.constexpr,
     SP: tl.constexpr, BK: tl.constexpr, TEACHER: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -364,13 +368,13 @@ def launch_config(num_nodes: int, K: int, B: int, interpret: bool = False, *, ti
     return LaunchConfig(NP, BK, max(1, rows or 1), warps)
 
 
-def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, enc: GraphTensors,
+def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, enc: EncodedGraph,
                      T: float, need_grad: bool = True, block_k: int | None = None, rows: int | None = None,
                      num_warps: int | None = None):
     """Launch the fused kernel. Returns ``(loss, tensor([ce, kd]), [dz_i], dscores)``; gradients in ``grad_dtype``.
 
     ``z``: M contiguous B x K tensors of one dtype (fp32 / bf16 / fp16, or fp64: then the math is fp64 too);
-    ``scores``: contiguous ``B x S`` (see ``analytic.score_matrix``); ``kd_scale``: a 1-element tensor on
+    ``scores``: contiguous ``B x S`` (see ``encoding.score_matrix``); ``kd_scale``: a 1-element tensor on
     the same device.
     ``block_k``, ``rows``, ``num_warps`` override parts of the tile (:func:`launch_config`).
     """
@@ -386,7 +390,7 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
     cfg = launch_config(N, K, B, dev.type == "cpu", block_k=block_k, rows=rows, num_warps=num_warps)
     acc = compute_dtype(z[0])
     ka = min(16, K & -K)  # the largest power of two (<= 16) dividing K: aligned rows, 128-bit loads / stores
-    gi, gf = graph_tables(enc, float(T), acc)
+    gi, gf = enc.tables(float(T), acc, dev)
     fa = dict(dtype=acc, device=dev)
     part = torch.empty((B, 2), **fa)                      # per-row [ce, kd] partials
     loss_count = torch.zeros(2, **fa)                     # [loss, finished programs]: the one memset
@@ -412,22 +416,6 @@ def okd_fused_triton(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: 
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-_TABLES: dict[tuple[GraphTensors, float, torch.dtype], tuple[Tensor, Tensor]] = {}
-
-
-def graph_tables(enc: GraphTensors, T: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The graph as the kernel reads it: an int32 table ``[ens_inputs, ens_col, ens_width]`` and a ``dtype``
-    table ``[T, 1/T, ce_count, A_w, A_t, A_s]`` (rounded once from float64), on ``enc``'s device; cached per
-    (graph, T, dtype), so a step passes two pointers and builds nothing."""
-    key = (enc, T, dtype)
-    tables = _TABLES.get(key)
-    if tables is None:
-        gi = torch.cat([enc.ens_inputs.flatten(), enc.ens_col, enc.ens_width]).to(torch.int32)
-        a_w, a_t, a_s = mixing_matrices(enc.graph)
-        head = torch.tensor([T, 1.0 / T, *enc.ce_weights], dtype=torch.float64)
-        gf = torch.cat([head, a_w.flatten(), a_t.flatten(), a_s.flatten()]).to(enc.ens_col.device, dtype)
-        tables = _TABLES[key] = (gi, gf)
-    return tables
 
 
 def _device_guard(dev: torch.device):
@@ -447,5 +435,5 @@ def _device_guard(dev: torch.device):
 #   zeroed per launch (one memset), so concurrent launches on other streams and CUDA-graph replays are safe.
 # - _row/_mix select rows with masked sums; with NP <= 16 that costs O(NP) per element and keeps every
 #   index a runtime value, so one compiled kernel serves all graphs with the same (M, N, widths).
-# - TEACHER_NONE / _SAME / _OWN (analytic.py) skip or share the teacher-side mixing at compile time.
+# - TEACHER_NONE / _SAME / _OWN (encoding.py) skip or share the teacher-side mixing at compile time.
 # - KL is exact (log_target); the AHBF reference code adds 1e-7 to the teacher probabilities (SPEC 4).
