@@ -28,8 +28,7 @@ def train_losses(compile: str, steps: int = 3) -> tuple[list[float], dict[str, t
     """A few fp32 SGD steps of a tiny 2-branch AHBF net, built through the Trainer's wrap_model."""
     torch.manual_seed(0)
     model = create_model("resnet8", "ahbf", 10, 2)
-    cfg = RunConfig()
-    cfg.optim.lr = 0.02  # small steps: fp32 rounding differences stay small instead of growing chaotically
+    cfg = RunConfig().replace(optim={"lr": 0.02})  # small steps: fp32 rounding differences stay small instead of growing chaotically
     objective = resolve_objective(cfg.objective, "ahbf")
     amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), CPU.device, "fp32")
     train_fwd, _ = wrap_model(model, CPU, compile)

@@ -51,7 +51,7 @@ def test_unknown_recipe_is_one_line(tmp_path):
 def test_cifar_configs_follow_spec4(name):
     c = method_resolved(build_config([str(CONFIGS / f"{name}.yaml")]))
     assert (c.train.epochs, c.optim.lr, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (300, 0.1, 0.9, True, 5e-4)
-    assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma, c.data.batch_size) == ("multistep", [150, 225], 0.1, 128)
+    assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma, c.data.batch_size) == ("multistep", (150, 225), 0.1, 128)
     assert c.objective.T == 3.0
     if c.model.method == "ahbf":
         assert (c.objective.kd_weight, c.objective.rampup, c.objective.ramp, c.model.aux) == (1.5, 240, "sigmoid", 4)
@@ -62,7 +62,7 @@ def test_imagenet_configs_follow_spec4(arch):
     for method in ("ahbf", "baseline"):
         c = method_resolved(build_config([str(CONFIGS / f"imagenet_{arch}_{method}.yaml")]))
         assert (c.data.batch_size, c.optim.lr, c.optim.weight_decay, c.train.epochs) == (256, 0.1, 1e-4, 90)
-        assert (c.schedule.name, c.schedule.milestones) == ("multistep", [30, 60])
+        assert (c.schedule.name, c.schedule.milestones) == ("multistep", (30, 60))
         assert c.model.aux == (2 if method == "ahbf" else 0)
 
 
@@ -92,16 +92,15 @@ def test_unknown_key_in_yaml(tmp_path):
 def test_values_are_coerced_and_checked():
     cfg = RunConfig()
     for text in ("schedule.milestones=[10, 20]", "schedule.milestones=10,20"):
-        set_value(cfg, *parse_override(text))
-        assert cfg.schedule.milestones == [10, 20]
-    set_value(cfg, *parse_override("optim.weight_decay=1e-4"))  # YAML reads 1e-4 as a string
+        assert set_value(cfg, *parse_override(text)).schedule.milestones == (10, 20)
+    cfg = set_value(cfg, *parse_override("optim.weight_decay=1e-4"))  # YAML reads 1e-4 as a string
     assert cfg.optim.weight_decay == 1e-4
     for text, expected in (("true", True), ("'false'", False), ("auto", "auto")):  # a bool, or auto
-        set_value(cfg, *parse_override(f"objective.detach_teacher={text}"))
+        cfg = set_value(cfg, *parse_override(f"objective.detach_teacher={text}"))
         assert cfg.objective.detach_teacher is expected or cfg.objective.detach_teacher == expected == "auto"
     with pytest.raises(ConfigError, match="objective.detach_teacher: unknown value 'maybe'; choose from auto, true, false"):
         build_config(overrides=[("objective.detach_teacher", "maybe")])
-    set_value(cfg, "train.deterministic", "yes")
+    cfg = set_value(cfg, "train.deterministic", "yes")
     assert cfg.train.deterministic is True
     with pytest.raises(ConfigError, match="'train.epochs': expected int, got 'many'"):
         set_value(cfg, "train.epochs", "many")
@@ -137,4 +136,31 @@ def test_out_of_range_values_are_one_line_errors(key, value, message):
 
 @pytest.mark.parametrize("value", ["10,20", "10 20", ["10,20"], ["10", "20"], [10, 20]])
 def test_milestones_accept_commas_and_spaces(value):
-    assert build_config(overrides=[("schedule.milestones", value)]).schedule.milestones == [10, 20]
+    assert build_config(overrides=[("schedule.milestones", value)]).schedule.milestones == (10, 20)
+
+
+def test_configs_are_frozen_and_resolving_returns_a_new_one(tmp_path):
+    """A config never changes: ``build_run`` resolves into a new one (``Run.cfg``, no ``auto`` left)."""
+    import dataclasses
+
+    import torch
+
+    from ahbf.engine.config import TrainConfig
+    from ahbf.engine.distributed import DistEnv
+    from ahbf.engine.run import build_run
+
+    cfg = build_config(overrides=[("train.output", str(tmp_path / "run")), ("train.device", "cpu")])
+    before = cfg.to_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = TrainConfig()
+    assert cfg.replace(train={"epochs": 3}).train.epochs == 3 and cfg.train.epochs == 30
+    run = build_run(cfg, DistEnv(0, 0, 1, torch.device("cpu")))
+    try:
+        assert cfg.to_dict() == before  # the caller's config is untouched
+        values = [v for section in run.cfg.to_dict().values() for v in section.values()]
+        assert "auto" not in values and cfg.model.aux == "auto" and run.cfg.model.aux == 4
+        assert (run.cfg.objective.kd_weight, run.cfg.optim.impl, run.cfg.train.output) == (1.5, "fused", str(tmp_path / "run"))
+    finally:
+        run.close()

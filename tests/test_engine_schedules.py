@@ -37,7 +37,7 @@ def test_task_kd_scale_is_ramp_times_kd_weight():
 
 
 def test_multistep_steps_after_each_epoch():
-    s = LRSchedule(ScheduleConfig(name="multistep", milestones=[150, 225], gamma=0.1, warmup_epochs=0), 0.1, 300, 391)
+    s = LRSchedule(ScheduleConfig(name="multistep", milestones=(150, 225), gamma=0.1, warmup_epochs=0), 0.1, 300, 391)
     assert all(s(e, i) == pytest.approx(0.1) for e in (0, 149) for i in (0, 200, 390))
     assert all(s(150, i) == pytest.approx(0.01) for i in (0, 390))
     assert s(224, 390) == pytest.approx(0.01)
@@ -45,7 +45,7 @@ def test_multistep_steps_after_each_epoch():
 
 
 def test_multistep_with_warmup():
-    s = LRSchedule(ScheduleConfig(name="multistep", milestones=[2], warmup_epochs=1), 0.4, 4, 4)
+    s = LRSchedule(ScheduleConfig(name="multistep", milestones=(2,), warmup_epochs=1), 0.4, 4, 4)
     assert [s(0, i) for i in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert s(1, 0) == pytest.approx(0.4) and s(2, 0) == pytest.approx(0.04)
 

@@ -3,6 +3,7 @@ process, eval / export round trips, one-line errors for mismatched checkpoints a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,8 +47,7 @@ def test_a_few_steps_reduce_the_loss(method):
     torch.manual_seed(0)
     model = create_model("resnet8", method, 10, 2)
     cfg = RunConfig()
-    objective = resolve_objective(cfg.objective, method)
-    objective.backend = "eager"
+    objective = dataclasses.replace(resolve_objective(cfg.objective, method), backend="eager")
     amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), torch.device("cpu"), "fp32")
     task = OKDTask(model, make_graph(method, model.spec["num_branches"], objective), objective, amp.autocast)
     task.set_epoch(10)

@@ -20,7 +20,7 @@ from ahbf.engine.runlog import EpochProgress, use_bars
 from ahbf.engine.plots import plot_curves, zoomed_limits
 from ahbf.engine.recipes import NAMES, chosen_recipe
 from ahbf.engine.rundir import link_latest, resolve_output
-from ahbf.engine.task import resolve_model, resolve_objective
+from tests.utils import method_resolved
 from ahbf.pipelines import DataConfig, build_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,18 +74,18 @@ def test_resolve_output_names_and_suffixes(tmp_path, monkeypatch):
     # torchrun: every rank and every restart finds the same folder; the static default id "none" is no id
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}, now) == "runs/digits-resnet8-dml-job42"
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "none"}, now).startswith(f"runs/digits-resnet8-dml-{stamp}")
-    cfg.train.resume = "auto"  # a requeued job: continue the newest folder of the same dataset-arch-method
+    cfg = cfg.replace(train={"resume": "auto"})  # a requeued job: continue the newest folder of the same dataset-arch-method
     os.utime(f"runs/digits-resnet8-dml-{stamp}", (now + 60, now + 60))
     assert resolve_output(cfg, {}, now) == f"runs/digits-resnet8-dml-{stamp}"
     assert resolve_output(build_config(overrides=[("train.resume", "auto")]), {}, now).startswith("runs/digits-resnet8-ahbf-")
     # runs started in the same second (a job array): each makes its own folder while choosing it
-    cfg.train.resume = ""
+    cfg = cfg.replace(train={"resume": ""})
     taken = [resolve_output(cfg, {}, now, create=True) for _ in range(2)]
     assert taken == [f"runs/digits-resnet8-dml-{stamp}-3", f"runs/digits-resnet8-dml-{stamp}-4"]
     assert all(os.path.isdir(p) for p in taken)
-    cfg.train.output = "/exact/path"
+    cfg = cfg.replace(train={"output": "/exact/path"})
     assert resolve_output(cfg, {}) == "/exact/path"
-    cfg.train.name = "ablation-a"  # wins over an output from a config file (-c <run>/config.yaml --name again)
+    cfg = cfg.replace(train={"name": "ablation-a"})  # wins over an output from a config file (-c <run>/config.yaml --name again)
     assert resolve_output(cfg, {"TORCHELASTIC_RUN_ID": "job42"}) == "runs/ablation-a"
     assert build_config(overrides=[("train.name", "x")]).train.output == ""  # --name does not set the output
 
@@ -112,9 +112,7 @@ def test_latest_link_moves_and_never_replaces_a_real_folder(tmp_path):
 # --------------------------------------------------------------------------------------------- recipes
 def comparable(cfg: RunConfig) -> dict:
     """The resolved values of a config, without where it writes."""
-    cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
-    data = cfg.to_dict()
+    data = method_resolved(cfg).to_dict()
     del data["train"]["output"], data["train"]["name"]
     return data
 
@@ -208,7 +206,7 @@ def test_header_names_the_recipe_in_force(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(trainer_module, "Trainer", Fake)
-    monkeypatch.setattr(run_module, "build_run", lambda cfg, env: cfg)  # nothing built: the recipe's data is absent
+    monkeypatch.setattr(run_module, "build_resolved", lambda cfg, env, link_latest: cfg)  # nothing built: no data
     assert train_main(["--dataset", "cifar100", "--epochs", "2"]) == 0
     assert seen == {"recipe": "cifar100", "epochs": 2}
     monkeypatch.undo()

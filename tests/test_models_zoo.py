@@ -223,7 +223,7 @@ def test_cifar_configs_for_every_family_and_method(arch):
             c = method_resolved(build_config([str(configs / f"{dataset}_{arch}_{method}.yaml")]))
             assert (c.data.dataset, c.model.arch, c.model.method) == (dataset, arch, method)
             assert c.model.aux == (2 if method == "ahbf" else 0) and c.train.epochs == 300
-            assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones) == (0.1, 5e-4, [150, 225])
+            assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones) == (0.1, 5e-4, (150, 225))
 
 
 @pytest.mark.parametrize("arch,size", [("densenet40_k12", 8), ("vgg16", 32), ("mobilenetv2_x0_5", 32)])

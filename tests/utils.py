@@ -37,6 +37,5 @@ def method_resolved(cfg):
     """``cfg`` (a RunConfig) with its method-dependent ``auto`` values (aux, kd_weight, ramp, rampup, detach) resolved."""
     from ahbf.engine.task import resolve_model, resolve_objective
 
-    cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
-    return cfg
+    model = resolve_model(cfg.model)
+    return cfg.replace(model=model, objective=resolve_objective(cfg.objective, model.method, cfg.train.epochs))

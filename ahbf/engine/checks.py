@@ -33,11 +33,11 @@ ALIASES: dict[str, dict[str, str]] = {  # train.compile was a boolean
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check the values that have a fixed set of choices (one-line ``ConfigError`` naming the key)."""
+    """``cfg`` checked (one-line ``ConfigError`` naming the key), with aliases and -1 spelled as ``auto``."""
     for key, aliases in ALIASES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        setattr(getattr(cfg, section), name, aliases.get(value, value))
+        cfg = cfg.replace(**{section: {name: aliases.get(value, value)}})
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -87,7 +87,8 @@ RANGES: dict[str, tuple[float, float]] = {  # [low, high] (inclusive); checked a
 
 
 def check_ranges(cfg: RunConfig) -> RunConfig:
-    """Every numeric value in range, before any work starts (one-line ``ConfigError`` naming the key)."""
+    """Every numeric value in range, before any work starts (one-line ``ConfigError`` naming the key); returns
+    ``cfg`` with the legacy -1 spelled ``auto``."""
     for section in SECTIONS:
         for f in dataclasses.fields(SECTIONS[section]):
             value = getattr(getattr(cfg, section), f.name)
@@ -97,7 +98,7 @@ def check_ranges(cfg: RunConfig) -> RunConfig:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if (value == -1 and key in LEGACY_AUTO) or value == "auto":
-            setattr(getattr(cfg, section), name, "auto")
+            cfg = cfg.replace(**{section: {name: "auto"}})
         elif isinstance(value, str):
             raise ConfigError(f"{key} must be a number or auto, got '{value}'")
     for key, (low, high) in RANGES.items():

@@ -156,14 +156,16 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
 
 def _train(argv: list[str] | None) -> None:
     from . import distributed
-    from .run import build_run
+    from .resolve import resolve
+    from .run import build_resolved, links_latest
     from .trainer import Trainer
 
     cfg, recipe = _parse_train_args(argv)
-    auto_named = not (cfg.train.output or cfg.train.name)
+    auto_named, latest = not (cfg.train.output or cfg.train.name), links_latest(cfg)
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
-        Trainer(build_run(cfg, env), recipe=recipe).fit()
+        cfg = resolve(cfg, env)  # names (and makes) the run folder
+        Trainer(build_resolved(cfg, env, link_latest=latest), recipe=recipe).fit()
     except BaseException:
         if auto_named and cfg.train.output and env.is_main:
             discard_if_empty(cfg.train.output)  # the folder chosen (and made) for a run that failed to start

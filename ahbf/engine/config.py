@@ -1,9 +1,12 @@
-"""Run configuration: one small dataclass per component, grouped in ``RunConfig``.
+"""Run configuration: one small frozen dataclass per component, grouped in ``RunConfig``.
 
 Each field's docstring is its documentation and its CLI help (see ``field_docs``). The built-in
 defaults are the digits demo (``ahbf-train`` with no arguments); ``configs/*.yaml`` hold the paper's runs.
 YAML files and ``section.key=value`` overrides are merged onto the defaults; an unknown key is a
 ``ConfigError`` naming the nearest known key. The checks of the values (choices, ranges) are ``checks.py``.
+
+A config is immutable: every step returns a new one (``set_value``, ``RunConfig.replace``, ``checks.validate``,
+``resolve.resolve``), so the object a run was built from is the one ``config.yaml`` records.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ class ConfigError(ValueError):
     """A bad configuration value or key (reported as one line by the CLI)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet8"
     """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet*, mobilenetv2_x0_5, or a library model torchvision:<name> / timm:<name> (docs/models.md)"""
@@ -40,7 +43,7 @@ class ModelConfig:
     """torchvision:/timm: models only: the stage where the branches start, e.g. layer3, stages.3, features.6 (the trunk is everything before it); auto = the family default (docs/models.md)"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObjectiveConfig:
     T: float = 3.0
     """distillation temperature"""
@@ -70,7 +73,7 @@ class ObjectiveConfig:
     """objective implementation: auto | triton | compiled | eager (the unfused reference)"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 0.1
     """peak learning rate (per optimiser step, not scaled by world size)"""
@@ -88,11 +91,11 @@ class OptimConfig:
     """linear lr scaling: lr = optim.lr x global batch / lr_base_batch (global batch = data.batch_size x world size); 0 = off"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "cosine"
     """learning-rate schedule: multistep (x gamma at each milestone, stepped after each epoch) | cosine"""
-    milestones: list[int] = field(default_factory=lambda: [150, 225])
+    milestones: tuple[int, ...] = (150, 225)
     """multistep: epochs at which the learning rate is multiplied by gamma"""
     gamma: float = 0.1
     """multistep: decay factor"""
@@ -102,7 +105,7 @@ class ScheduleConfig:
     """cosine: final learning rate"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
     """number of training epochs"""
@@ -168,7 +171,7 @@ def demo_objective() -> ObjectiveConfig:
     return ObjectiveConfig(backend="eager")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run. The defaults are the digits demo; ``configs/*.yaml`` set every key."""
 
@@ -179,8 +182,17 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def replace(self, **sections: Any) -> RunConfig:
+        """A copy with sections changed: each given as a section object or a ``{field: value}`` dict of changes
+        (values as typed, not coerced: for code; user input goes through ``set_value``)."""
+        new = {name: dataclasses.replace(getattr(self, name), **v) if isinstance(v, dict) else v
+               for name, v in sections.items()}
+        return dataclasses.replace(self, **new)
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain YAML / checkpoint data: sections of ``{field: value}``, tuples as lists."""
+        return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+                for name, section in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
@@ -241,13 +253,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected {names}, got {value!r}")
         (typ,) = options
         origin = typing.get_origin(typ)
-    if origin is list:
-        (item,) = typing.get_args(typ)
+    if origin is tuple:
+        item = typing.get_args(typ)[0]  # tuple[X, ...]
         if not isinstance(value, (list, tuple)):
             value = [value]
         # "10,20", "10 20" and ["10,20"] (a CLI flag with nargs) all mean [10, 20]
         value = [part for v in value for part in (str(v).replace(",", " ").split() if isinstance(v, str) else [v])]
-        return [_coerce(key, v, item) for v in value]
+        return tuple(_coerce(key, v, item) for v in value)
     try:
         if typ is bool:
             if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
@@ -272,8 +284,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
-def set_value(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set ``section.field`` (type-checked); an unknown key raises ``ConfigError`` with a suggestion."""
+def set_value(cfg: RunConfig, key: str, value: Any) -> RunConfig:
+    """``cfg`` with ``section.field`` set (type-checked); an unknown key raises ``ConfigError`` with a suggestion."""
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
         raise _unknown(key)
@@ -281,11 +293,11 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     hints = typing.get_type_hints(cls)
     if name not in hints:
         raise _unknown(key)
-    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+    return cfg.replace(**{section: {name: _coerce(key, value, hints[name])}})
 
 
-def merge_dict(cfg: RunConfig, data: dict[str, Any], source: str = "config") -> None:
-    """Merge a nested ``{section: {field: value}}`` mapping (e.g. from YAML) into ``cfg``."""
+def merge_dict(cfg: RunConfig, data: dict[str, Any], source: str = "config") -> RunConfig:
+    """``cfg`` with a nested ``{section: {field: value}}`` mapping (e.g. from YAML) merged onto it."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     for section, values in data.items():
@@ -294,7 +306,8 @@ def merge_dict(cfg: RunConfig, data: dict[str, Any], source: str = "config") -> 
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
         for name, value in values.items():
-            set_value(cfg, f"{section}.{name}", value)
+            cfg = set_value(cfg, f"{section}.{name}", value)
+    return cfg
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -331,24 +344,22 @@ def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -
     cfg = RunConfig()
     recipe = chosen_recipe(files, overrides)
     if recipe:
-        merge_dict(cfg, recipe_values(recipe), source=f"recipe {recipe}")
+        cfg = merge_dict(cfg, recipe_values(recipe), source=f"recipe {recipe}")
     for path in files:
         data = load_yaml(path)
         if isinstance(data, dict) and "recipe" in data:  # an overlay: the data set's recipe first, then the file
             data = dict(data)
-            merge_dict(cfg, recipe_values(str(data.pop("recipe")), source=path), source=path)
-        merge_dict(cfg, data, source=path)
+            cfg = merge_dict(cfg, recipe_values(str(data.pop("recipe")), source=path), source=path)
+        cfg = merge_dict(cfg, data, source=path)
     for key, value in overrides:
-        set_value(cfg, key, value)
+        cfg = set_value(cfg, key, value)
     from .checks import validate  # checks.py reads this module's dataclasses
 
     return validate(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    cfg = RunConfig()
-    merge_dict(cfg, data, source="checkpoint config")
-    return cfg
+    return merge_dict(RunConfig(), data, source="checkpoint config")
 
 
 def reference_markdown() -> str:

@@ -40,13 +40,12 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
         raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     cfg = config_from_dict(ckpt["config"])
     # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
-    cfg.train.device, cfg.data.backend = "auto", "auto"
     # no up-front scan of every image (for ImageNet: 1.28M training files to evaluate 50k); a bad image is
     # still a one-line error naming it when it is decoded. `data.check_images=...` overrides this.
-    cfg.data.check_images = "none"
+    cfg = cfg.replace(train={"device": "auto"}, data={"backend": "auto", "check_images": "none"})
     for key, value in overrides:
-        set_value(cfg, key, value)
-    validate(cfg)
+        cfg = set_value(cfg, key, value)
+    cfg = validate(cfg)
     device = resolve_device(cfg.train.device)
     data = build_data(cfg.data, device=device)
     loader = data.test if split == "test" else data.val

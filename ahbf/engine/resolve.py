@@ -8,9 +8,8 @@ Two phases, both called by ``build_run`` and nowhere else:
 - ``record_built`` (after the data and the optimiser are built): what they chose inside (the data
   backend, image size and image check, the SGD implementation, the objective backend ``okd_loss`` picks).
 
-The config is filled in place (the caller's object is the run's config: ``ahbf-train`` reads the chosen
-folder from it to remove an empty one after a failed start). Machine-dependent values (device, data
-backend, threads) are reset to ``auto`` by ``ahbf-eval``.
+Configs are immutable: each phase returns a new one, and ``Run.cfg`` is the last. Machine-dependent values
+(device, data backend, threads) are reset to ``auto`` by ``ahbf-eval``.
 """
 from __future__ import annotations
 
@@ -32,20 +31,18 @@ from .task import resolve_model, resolve_objective
 
 def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """Phase 1: every value decided from the config and the machine; then the run folder."""
-    resolve_values(cfg, env)
-    resolve_folder(cfg, env)
-    return cfg
+    return resolve_folder(resolve_values(cfg, env), env)
 
 
 def resolve_values(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """SPEC defaults, precision, threads; ``ConfigError`` for what cannot run here (no files, no collectives)."""
-    cfg.model = resolve_model(cfg.model)
-    cfg.objective = resolve_objective(cfg.objective, cfg.model.method, cfg.train.epochs)
-    cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
+    model = resolve_model(cfg.model)
+    cfg = cfg.replace(model=model, objective=resolve_objective(cfg.objective, model.method, cfg.train.epochs),
+                      train={"precision": resolve_precision(cfg.train.precision, env.device),
+                             "threads": cfg.train.threads or default_threads()})
     if cfg.objective.backend == "triton" and env.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {env.device}); "
                           "use compiled or eager")
-    cfg.train.threads = cfg.train.threads or default_threads()
     peak_lr(cfg, env.world_size)  # checks schedule.min_lr against the lr the schedule will really use
     return cfg
 
@@ -60,17 +57,16 @@ def peak_lr(cfg: RunConfig, world_size: int) -> float:
     return peak
 
 
-def resolve_folder(cfg: RunConfig, env: DistEnv) -> None:
+def resolve_folder(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """``train.output`` (config.yaml records the folder, not ``train.name``) and, under a torchrun restart,
     ``train.resume`` (``restart_resume``: continue this job's own run)."""
-    t = cfg.train
-    given = t.resume
+    given = cfg.train.resume
     (restarted,) = any_rank(restart_count() > 0)  # a node's agent started again after a crash counts from 0
     if restarted and not given:
-        t.resume = "auto"  # tentatively: a torchrun restart finds the first attempt's folder
-    t.output, t.name = shared_output(cfg), ""
-    if restarted:
-        t.resume = restart_resume(t.output, given, env)
+        cfg = cfg.replace(train={"resume": "auto"})  # tentatively: a torchrun restart finds the first attempt's folder
+    output = shared_output(cfg)
+    resume = restart_resume(output, given, env) if restarted else cfg.train.resume
+    return cfg.replace(train={"output": output, "name": "", "resume": resume})
 
 
 # ----------------------------------------------------------------------- phase 2: what was built
@@ -101,12 +97,10 @@ def objective_backend(cfg: RunConfig, device: torch.device) -> str:
 
 
 def record_built(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv) -> RunConfig:
-    """Phase 2: replace the ``auto`` values decided inside the built objects by what they chose (in place)."""
-    cfg.train.device = device_name(env)
-    cfg.data.image_size = data.image_size
+    """Phase 2: ``cfg`` with the ``auto`` values decided inside the built objects replaced by what they chose."""
     # in-memory data sets (digits, CIFAR, synthetic) use no image-folder decoder; torch is what they would use
-    cfg.data.backend = data.backend if data.backend in ("dali", "torch") else "torch"
-    cfg.data.check_images = data.check_images
-    cfg.optim.impl = optimizer_impl(optimizer)
-    cfg.objective.backend = objective_backend(cfg, env.device)
-    return cfg
+    backend = data.backend if data.backend in ("dali", "torch") else "torch"
+    return cfg.replace(train={"device": device_name(env)},
+                       data={"image_size": data.image_size, "backend": backend, "check_images": data.check_images},
+                       optim={"impl": optimizer_impl(optimizer)},
+                       objective={"backend": objective_backend(cfg, env.device)})

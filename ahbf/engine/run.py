@@ -1,6 +1,6 @@
 """``build_run``: a config -> everything one training run uses, built in a fixed order.
 
-config --resolve--> (no ``auto`` left) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
+config --resolve--> (no ``auto`` left; a new, frozen config) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
 task (forward + objective) --record_built--> the config that ``config.yaml`` records.
 
 The learning rate has one path: ``resolve.peak_lr`` (``optim.lr``, linearly scaled if
@@ -84,10 +84,19 @@ class Run:
         self.data.close()  # worker processes end with the run, not at interpreter exit
 
 
+def links_latest(cfg: RunConfig) -> bool:
+    """``runs/latest`` points at a folder named with ``--name`` or chosen automatically (not at a given ``-o``);
+    read from the config before ``resolve`` (which records the folder as ``train.output``)."""
+    return bool(cfg.train.name) or not cfg.train.output
+
+
 def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> Run:
-    """Resolve ``cfg`` (in place) and build the run; ``data``: a prebuilt bundle instead of ``cfg.data``'s."""
-    latest = bool(cfg.train.name) or not cfg.train.output  # before resolve fills train.output
-    resolve(cfg, env)
+    """Resolve ``cfg`` and build the run; ``data``: a prebuilt bundle instead of ``cfg.data``'s."""
+    return build_resolved(resolve(cfg, env), env, data, link_latest=links_latest(cfg))
+
+
+def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None, link_latest: bool = False) -> Run:
+    """Build the run of a config that ``resolve`` returned (``ahbf-train`` keeps it: it names the run folder)."""
     t, m = cfg.train, cfg.model
     set_threads(t.threads)  # before any work
     configure_determinism(t.deterministic)
@@ -110,5 +119,5 @@ def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> R
     train_fwd, eval_fwd = wrap_model(model, env, t.compile, t.compile_mode, notes.append)
     task = OKDTask(train_fwd, make_graph(m.method, m.num_branches, cfg.objective), cfg.objective, amp.autocast,
                    eval_model=eval_fwd)
-    record_built(cfg, data, optimizer, env)  # config.yaml: what actually runs, no 'auto'
-    return Run(cfg, env, data, model, amp, task, schedule, notes, latest)
+    cfg = record_built(cfg, data, optimizer, env)  # config.yaml: what actually runs, no 'auto'
+    return Run(cfg, env, data, model, amp, task, schedule, notes, link_latest)

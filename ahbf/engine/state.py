@@ -72,7 +72,8 @@ class RunState:
             raise RunFolderError(f"rank 0 refused the output folder {t.output} (its error says why)")
         for note in notes:
             self.info(note)
-        t.overwrite = False  # done; config.yaml re-run with -c must not delete this run's checkpoints
+        # done: what config.yaml and the checkpoints record says no (re-run with -c, it must not delete this run)
+        self.cfg = self.cfg.replace(train={"overwrite": False})
 
     def write_config(self, link: bool) -> None:
         """Rank 0: ``config.yaml`` (the resolved config) and, for an automatically named folder, ``runs/latest``."""

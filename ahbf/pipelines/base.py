@@ -17,7 +17,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"
     """digits (scikit-learn's bundled set, the default) | cifar10 | cifar100 | imagenet (class folders) | synthetic"""
