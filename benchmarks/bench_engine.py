@@ -40,17 +40,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from ahbf.engine.compile import synchronize, timed  # noqa: E402
-from ahbf.engine.config import build_config  # noqa: E402
-from ahbf.engine.distributed import DistEnv, resolve_device  # noqa: E402
-from ahbf.engine.meters import LossMeter  # noqa: E402
-from ahbf.engine.run import build_run  # noqa: E402
-from ahbf.models import create_model  # noqa: E402
-from ahbf.pipelines import build_data  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from ahbf.engine.compile import synchronize, timed
+from ahbf.engine.config import build_config
+from ahbf.engine.distributed import DistEnv, resolve_device
+from ahbf.engine.meters import LossMeter
+from ahbf.engine.run import build_run
+from ahbf.models import create_model
+from ahbf.pipelines import build_data
+from machine import cpu_name
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 T, KD_WEIGHT, RAMP = 3.0, 1.5, 0.5  # the paper's T and kd_weight, the ramp at its end (kd_scale 0.75)

@@ -15,14 +15,11 @@ import os
 import platform
 import socket
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:

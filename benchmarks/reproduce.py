@@ -43,18 +43,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from ahbf.analysis import branch_diversity  # noqa: E402
-from machine import cpu_name  # noqa: E402
-from ahbf.engine.config import build_config  # noqa: E402
-from ahbf.engine.distributed import DistEnv  # noqa: E402
-from ahbf.engine.run import Run, build_run  # noqa: E402
-from ahbf.engine.trainer import Trainer  # noqa: E402
-from ahbf.methods import METHODS as TABLE  # noqa: E402
-from ahbf.pipelines import DataBundle, DeviceTensorLoader  # noqa: E402
-from ahbf.pipelines.sources import STATS, digits_arrays  # noqa: E402
+from ahbf.analysis import branch_diversity
+from ahbf.engine.config import build_config
+from ahbf.engine.distributed import DistEnv
+from ahbf.engine.run import Run, build_run
+from ahbf.engine.trainer import Trainer
+from ahbf.methods import METHODS as TABLE
+from ahbf.pipelines import DataBundle, DeviceTensorLoader
+from ahbf.pipelines.sources import STATS, digits_arrays
+from machine import cpu_name
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = tuple(TABLE)  # the comparison's order: ahbf.methods lists the baseline first, AHBF last
