@@ -3,9 +3,9 @@
 A method is a distillation graph (its constructor in ``ahbf.kernels.graph``), the model it trains, and
 the defaults its public code uses for the values a config leaves at ``auto``. Everything else reads this
 table: ``create_model`` (model kind, architecture families, branch count), ``build_graph`` (constructor),
-the task (``resolve_objective`` / ``make_graph``: defaults and which config values the constructor takes),
-the config choices and CLI help, and the benchmarks. Adding a method is one record here plus its graph
-constructor (docs/methods.md).
+``engine/resolve.py`` (``resolve_objective``: the ``auto`` defaults), the task (``make_graph``: which config
+values the constructor takes), the config choices and CLI help, and the benchmarks. Adding a method is one
+record here plus its graph constructor (docs/methods.md).
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def step_setup(batch: int, image_size: int):
     from torch.nn.parallel import DistributedDataParallel
 
     from ahbf.engine.config import ObjectiveConfig
-    from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+    from ahbf.engine.resolve import resolve_objective
+    from ahbf.engine.task import OKDTask, make_graph
     from ahbf.models import create_model
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from ahbf.engine.cli import export_main, train_main
 from ahbf.engine.config import ConfigError, build_config
 from ahbf.engine.distributed import convert_sync_batchnorm
 from ahbf.engine.eval_export import model_from_checkpoint
-from ahbf.engine.task import resolve_model
+from ahbf.engine.resolve import resolve_model
 from ahbf.models import create_model, export_target, target_state_dict
 from ahbf.models.backbones import build_library, extra_blocks, plan, units_and_stages
 from ahbf.models.mobilenet import tail_blocks

@@ -15,8 +15,8 @@ from ahbf.engine.distributed import DistEnv, default_threads
 from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.schedules import scaled_lr
-from ahbf.engine.task import OKDTask, make_graph, resolve_objective
-from ahbf.engine.resolve import peak_lr, resolve_values
+from ahbf.engine.resolve import peak_lr, resolve_objective, resolve_values
+from ahbf.engine.task import OKDTask, make_graph
 from ahbf.engine.run import build_run, wrap_model
 from ahbf.engine.trainer import Trainer
 from ahbf.models import create_model

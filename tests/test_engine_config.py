@@ -10,7 +10,7 @@ import pytest
 from ahbf.engine.config import (SECTIONS, ConfigError, RunConfig, build_config, config_from_dict, field_docs,
                                 parse_override, set_value)
 
-from tests.utils import method_resolved
+from ahbf.engine.resolve import method_defaults
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,8 +28,8 @@ GOLDEN = json.loads((Path(__file__).parent / "assets" / "configs_golden.json").r
 def test_every_config_resolves_to_its_recorded_values(path):
     """Each overlay (recipe + a few keys) resolves to every value its full 79-line file had
     (tests/assets/configs_golden.json: the files as they were before they became overlays)."""
-    cfg = method_resolved(build_config([str(path)]))
-    golden = method_resolved(config_from_dict(GOLDEN[path.name]))
+    cfg = method_defaults(build_config([str(path)]))
+    golden = method_defaults(config_from_dict(GOLDEN[path.name]))
     assert cfg.to_dict() == golden.to_dict()
     assert path.stem.startswith(cfg.data.dataset)
     assert cfg.train.output == f"runs/{path.stem}" or path.stem == "digits_demo"
@@ -49,7 +49,7 @@ def test_unknown_recipe_is_one_line(tmp_path):
 @pytest.mark.parametrize("name", ["cifar10_resnet32_ahbf", "cifar100_resnet110_ahbf", "cifar100_resnet32_dml",
                                   "cifar10_resnet110_one", "cifar100_resnet32_baseline"])
 def test_cifar_configs_follow_spec4(name):
-    c = method_resolved(build_config([str(CONFIGS / f"{name}.yaml")]))
+    c = method_defaults(build_config([str(CONFIGS / f"{name}.yaml")]))
     assert (c.train.epochs, c.optim.lr, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (300, 0.1, 0.9, True, 5e-4)
     assert (c.schedule.name, c.schedule.milestones, c.schedule.gamma, c.data.batch_size) == ("multistep", (150, 225), 0.1, 128)
     assert c.objective.T == 3.0
@@ -60,7 +60,7 @@ def test_cifar_configs_follow_spec4(name):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
 def test_imagenet_configs_follow_spec4(arch):
     for method in ("ahbf", "baseline"):
-        c = method_resolved(build_config([str(CONFIGS / f"imagenet_{arch}_{method}.yaml")]))
+        c = method_defaults(build_config([str(CONFIGS / f"imagenet_{arch}_{method}.yaml")]))
         assert (c.data.batch_size, c.optim.lr, c.optim.weight_decay, c.train.epochs) == (256, 0.1, 1e-4, 90)
         assert (c.schedule.name, c.schedule.milestones) == ("multistep", (30, 60))
         assert c.model.aux == (2 if method == "ahbf" else 0)

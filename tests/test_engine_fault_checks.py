@@ -12,7 +12,7 @@ from ahbf.engine.checkpoint import (CheckpointError, check_resumable, load_check
                                     non_finite, remove_temporaries, save_checkpoint)
 from ahbf.engine.checks import parse_interval
 from ahbf.engine.config import ConfigError, build_config
-from ahbf.engine.task import resolve_model, resolve_objective
+from ahbf.engine.resolve import resolve_model, resolve_objective
 from ahbf.kernels import build_graph
 from ahbf.kernels.okd import okd_loss
 from ahbf.models import create_model

@@ -7,7 +7,8 @@ import pytest
 
 from ahbf.engine.config import ObjectiveConfig, ScheduleConfig
 from ahbf.engine.schedules import LRSchedule, kd_ramp, sigmoid_rampup
-from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+from ahbf.engine.resolve import resolve_objective
+from ahbf.engine.task import OKDTask, make_graph
 
 
 @pytest.mark.parametrize("epoch, expected", [(0, 0.5 * math.exp(-5)), (60, 0.5 * math.exp(-5 * 0.75 ** 2)),

@@ -17,7 +17,8 @@ from ahbf.engine.config import RunConfig, build_config, load_yaml
 from ahbf.engine.checkpoint import load_checkpoint
 from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
-from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+from ahbf.engine.resolve import resolve_objective
+from ahbf.engine.task import OKDTask, make_graph
 from ahbf.models import create_model, create_plain
 
 # 58 train / 6 val / 16 test images of 8 x 8 px, 10 classes, resnet8: about a second per epoch

@@ -20,7 +20,7 @@ from ahbf.engine.runlog import EpochProgress, use_bars
 from ahbf.engine.plots import plot_curves, zoomed_limits
 from ahbf.engine.recipes import NAMES, chosen_recipe
 from ahbf.engine.rundir import link_latest, resolve_output
-from tests.utils import method_resolved
+from ahbf.engine.resolve import method_defaults
 from ahbf.pipelines import DataConfig, build_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_latest_link_moves_and_never_replaces_a_real_folder(tmp_path):
 # --------------------------------------------------------------------------------------------- recipes
 def comparable(cfg: RunConfig) -> dict:
     """The resolved values of a config, without where it writes."""
-    data = method_resolved(cfg).to_dict()
+    data = method_defaults(cfg).to_dict()
     del data["train"]["output"], data["train"]["name"]
     return data
 

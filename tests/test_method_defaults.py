@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahbf.engine.config import ConfigError, ObjectiveConfig, build_config
-from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+from ahbf.engine.resolve import resolve_objective
+from ahbf.engine.task import OKDTask, make_graph
 from ahbf.kernels import build_graph, okd_loss, okd_objective_reference
 from ahbf.kernels.analytic import okd_analytic
 from ahbf.kernels.encoding import encode, score_matrix

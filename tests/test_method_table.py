@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from ahbf.engine.config import ConfigError, ObjectiveConfig, build_config
-from ahbf.engine.task import make_graph, resolve_model, resolve_objective
+from ahbf.engine.resolve import resolve_model, resolve_objective
+from ahbf.engine.task import make_graph
 from ahbf.engine.config import ModelConfig
 from ahbf.kernels import build_graph
 from ahbf.methods import METHODS, PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_markdown

@@ -13,7 +13,8 @@ import torch
 from ahbf.engine.checkpoint import load_checkpoint
 from ahbf.engine.cli import train_main
 from ahbf.engine.config import ObjectiveConfig
-from ahbf.engine.task import OKDTask, make_graph, resolve_objective
+from ahbf.engine.resolve import resolve_objective
+from ahbf.engine.task import OKDTask, make_graph
 from ahbf.kernels import build_graph, okd_loss, okd_objective_reference
 from ahbf.kernels.reference import minlogit_target
 from ahbf.models import create_model

@@ -216,11 +216,11 @@ def test_bad_input_gives_one_line_errors(call, match):
 @pytest.mark.parametrize("arch", ZOO)
 def test_cifar_configs_for_every_family_and_method(arch):
     from ahbf.engine.config import build_config
-    from tests.utils import method_resolved
+    from ahbf.engine.resolve import method_defaults
     configs = Path(__file__).resolve().parents[1] / "configs"
     for dataset in ("cifar10", "cifar100"):
         for method in ("ahbf", "one", "dml", "baseline"):
-            c = method_resolved(build_config([str(configs / f"{dataset}_{arch}_{method}.yaml")]))
+            c = method_defaults(build_config([str(configs / f"{dataset}_{arch}_{method}.yaml")]))
             assert (c.data.dataset, c.model.arch, c.model.method) == (dataset, arch, method)
             assert c.model.aux == (2 if method == "ahbf" else 0) and c.train.epochs == 300
             assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones) == (0.1, 5e-4, (150, 225))

@@ -31,11 +31,3 @@ def sgd_losses(model, x: torch.Tensor, y: torch.Tensor, graph, lr: float, steps:
         opt.step()
         losses.append(loss.item())
     return losses
-
-
-def method_resolved(cfg):
-    """``cfg`` (a RunConfig) with its method-dependent ``auto`` values (aux, kd_weight, ramp, rampup, detach) resolved."""
-    from ahbf.engine.task import resolve_model, resolve_objective
-
-    model = resolve_model(cfg.model)
-    return cfg.replace(model=model, objective=resolve_objective(cfg.objective, model.method, cfg.train.epochs))

@@ -15,7 +15,8 @@ from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device
 from .precision import AmpStepper, resolve_precision
-from .task import OKDTask, make_graph, resolve_objective
+from .resolve import resolve_objective
+from .task import OKDTask, make_graph
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",

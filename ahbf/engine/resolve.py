@@ -13,20 +13,22 @@ Configs are immutable: each phase returns a new one, and ``Run.cfg`` is the last
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from ..kernels.okd import choose_backend
+from ..methods import PLAIN, get_method
+from ..models import backbones, default_aux
 from ..pipelines import DataBundle
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
 from .distributed import DistEnv, any_rank, default_threads
 from .fault import restart_count
 from .precision import DTYPES, resolve_precision
 from .rundir import shared_output
 from .schedules import scaled_lr
 from .state import restart_resume
-from .task import resolve_model, resolve_objective
 
 
 def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
@@ -36,15 +38,42 @@ def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
 
 def resolve_values(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """SPEC defaults, precision, threads; ``ConfigError`` for what cannot run here (no files, no collectives)."""
-    model = resolve_model(cfg.model)
-    cfg = cfg.replace(model=model, objective=resolve_objective(cfg.objective, model.method, cfg.train.epochs),
-                      train={"precision": resolve_precision(cfg.train.precision, env.device),
-                             "threads": cfg.train.threads or default_threads()})
+    cfg = method_defaults(cfg).replace(train={"precision": resolve_precision(cfg.train.precision, env.device),
+                                              "threads": cfg.train.threads or default_threads()})
     if cfg.objective.backend == "triton" and env.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {env.device}); "
                           "use compiled or eager")
     peak_lr(cfg, env.world_size)  # checks schedule.min_lr against the lr the schedule will really use
     return cfg
+
+
+def method_defaults(cfg: RunConfig) -> RunConfig:
+    """The SPEC defaults of the model and the objective (the method record's values for their ``auto``)."""
+    model = resolve_model(cfg.model)
+    return cfg.replace(model=model, objective=resolve_objective(cfg.objective, model.method, cfg.train.epochs))
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
+    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else ""  # "": fixed
+    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux == "auto" else cfg.aux
+    branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
+    return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
+
+
+def resolve_objective(cfg: ObjectiveConfig, method: str, epochs: int | None = None) -> ObjectiveConfig:
+    """Fill the method-dependent 'auto' values of the objective config from the method's record.
+
+    ``epochs``: the run's ``train.epochs`` (an auto ``rampup`` is the method's fraction of it); None: the
+    built-in default's (the demo's 30)."""
+    m = get_method(method)
+    epochs = TrainConfig().epochs if epochs is None else epochs
+    return dataclasses.replace(
+        cfg,
+        kd_weight=m.kd_weight if cfg.kd_weight == "auto" else cfg.kd_weight,
+        ramp=m.ramp if cfg.ramp == "auto" else cfg.ramp,
+        rampup=round(m.rampup * epochs, 6) if cfg.rampup == "auto" else cfg.rampup,
+        detach_teacher=m.detach if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def peak_lr(cfg: RunConfig, world_size: int) -> float:

@@ -7,7 +7,6 @@ target, PCL's EMA update after each step) lives here.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import warnings
 from typing import Callable, ContextManager
@@ -19,33 +18,10 @@ from ..kernels import all_node_logits
 from ..kernels.graph import DistillGraph
 from ..kernels.okd import BACKENDS, TRITON_AVAILABLE, okd_loss, triton_max_branches
 from ..kernels.reference import minlogit_target
-from ..methods import PLAIN, get_method
-from ..models import backbones, default_aux
-from .config import ConfigError, ModelConfig, ObjectiveConfig, TrainConfig
+from ..methods import get_method
+from .config import ConfigError, ObjectiveConfig
+from .resolve import resolve_objective
 from .schedules import kd_ramp
-
-
-def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    """Fill the 'SPEC default' values of the model config (and a torchvision / timm model's split point)."""
-    split = backbones.resolve_split(cfg.arch, cfg.split) if backbones.is_library(cfg.arch) else ""  # "": fixed
-    aux = default_aux(cfg.arch, cfg.method, split) if cfg.aux == "auto" else cfg.aux
-    branches = 1 if get_method(cfg.method).model == PLAIN else cfg.num_branches
-    return dataclasses.replace(cfg, aux=aux, num_branches=branches, split=split)
-
-
-def resolve_objective(cfg: ObjectiveConfig, method: str, epochs: int | None = None) -> ObjectiveConfig:
-    """Fill the method-dependent 'auto' values of the objective config from the method's record.
-
-    ``epochs``: the run's ``train.epochs`` (an auto ``rampup`` is the method's fraction of it); None: the
-    built-in default's (the demo's 30)."""
-    m = get_method(method)
-    epochs = TrainConfig().epochs if epochs is None else epochs
-    return dataclasses.replace(
-        cfg,
-        kd_weight=m.kd_weight if cfg.kd_weight == "auto" else cfg.kd_weight,
-        ramp=m.ramp if cfg.ramp == "auto" else cfg.ramp,
-        rampup=round(m.rampup * epochs, 6) if cfg.rampup == "auto" else cfg.rampup,
-        detach_teacher=m.detach if cfg.detach_teacher == "auto" else cfg.detach_teacher)
 
 
 def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:

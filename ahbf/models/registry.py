@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
-from ..methods import METHODS, PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_for
+from ..methods import PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_for
 from . import backbones, densenet, mobilenet, vgg
 from .peers import TemporalMeanNet
 from .resnet import CifarResNet, MultiBranchNet, PeerNet
