@@ -25,7 +25,6 @@ and ``.md``, with the machine, threads, versions, date and command.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -38,19 +37,18 @@ from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ahbf.engine.compile import synchronize, timed
 from ahbf.engine.config import build_config
 from ahbf.engine.distributed import DistEnv, resolve_device
 from ahbf.engine.meters import LossMeter
 from ahbf.engine.run import build_run
-from ahbf.models import create_model
 from ahbf.pipelines import build_data
 from machine import cpu_name
+from paper_loop import PaperLoop
+from step_breakdown import LABELS, breakdown
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-T, KD_WEIGHT, RAMP = 3.0, 1.5, 0.5  # the paper's T and kd_weight, the ramp at its end (kd_scale 0.75)
 
 
 # ---- what is measured
@@ -110,68 +108,7 @@ SETTINGS: dict[str, Setting] = {
 }
 GPU_ONLY = ("bf16-cl-fused-cudagraphs", "fp16-cl-fused")
 DEFAULT_SETTINGS = ("fp32", "bf16", "bf16-cl", "bf16-cl-fused")
-PAPER = "paper"
-
-
-# ---- the paper's loop
-
-def kl_paper(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The reference script's KL criterion: T^2 * KLdiv(log_softmax(s/T), softmax(t/T) + 1e-7), batchmean."""
-    return F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher / T, 1) + 1e-7, reduction="batchmean") * T * T
-
-
-def paper_objective(method: str, z: list[torch.Tensor], s: list[torch.Tensor], y: torch.Tensor,
-                    kd_scale: float = KD_WEIGHT * RAMP) -> torch.Tensor:
-    """The objective as the papers' training scripts write it, term by term (AHBF: its hierarchy pairing)."""
-    loss = sum(F.cross_entropy(zi, y) for zi in z)
-    if method == "ahbf":  # ensembles e_k = g0 * (e_{k-1} or z_0) + g1 * z_{k+1}, built in the model there
-        e, prev = [], z[0]
-        for k, sk in enumerate(s):
-            g = F.softmax(sk, 1)
-            prev = g[:, :1] * prev + g[:, 1:] * z[k + 1]
-            e.append(prev)
-        loss = loss + sum(F.cross_entropy(ek, y) for ek in e)
-        for i in range(len(z) - 1):
-            if i == 0:
-                kd = kl_paper(z[0], z[1]) + kl_paper(z[0], e[0]) + kl_paper(z[1], e[0])
-            else:
-                kd = kl_paper(e[i - 1], z[i + 1]) + kl_paper(z[i + 1], e[i]) + kl_paper(e[i - 1], e[i])
-            loss = loss + kd_scale * kd
-    elif method == "one":
-        g = F.softmax(s[0], 1)
-        e = sum(g[:, i:i + 1] * zi for i, zi in enumerate(z))
-        loss = loss + F.cross_entropy(e, y) + kd_scale * sum(kl_paper(zi, e.detach()) for zi in z)
-    elif method == "dml":
-        loss = loss + kd_scale * sum(kl_paper(zi, zj.detach()) for i, zi in enumerate(z) for j, zj in enumerate(z)
-                                     if i != j) / (len(z) - 1)
-    return loss
-
-
-class PaperLoop:
-    """fp32, NCHW, eager objective, plain SGD, ``loss.item()`` every step."""
-
-    name = PAPER
-
-    def __init__(self, case: ModelCase, classes: int, device: torch.device, batches: Iterator):
-        torch.manual_seed(0)
-        self.method, self.device, self.batches = case.method, device, batches
-        self.kd_scale = KD_WEIGHT * RAMP if case.method == "ahbf" else 1.0  # the engine's kd_scale at the ramp's end
-        self.model = create_model(case.arch, case.method, classes, case.branches, case.aux).to(device).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                         weight_decay=5e-4)
-        self.losses: list[float] = []
-
-    def step(self) -> None:
-        x, y = next(self.batches)
-        out = self.model(x.contiguous())
-        loss = paper_objective(self.method, out.logits, out.scores, y, self.kd_scale)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.losses.append(loss.item())
-
-    def close(self) -> None:
-        pass
+PAPER = PaperLoop.name
 
 
 # ---- the engine
@@ -264,83 +201,6 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], statistics.median(values), q[2]
-
-
-# ---- the step breakdown
-
-LABELS = ("data", "trunk", "branches", "fusion", "objective", "backward", "optimizer")
-
-
-@contextlib.contextmanager
-def labelled(model: torch.nn.Module):
-    """record_function ranges around the trunk, each branch and each fusion module (forward), via hooks."""
-    handles, open_ = [], []
-    parts = [("trunk", getattr(model, "trunk", None))]
-    parts += [("branches", b) for b in getattr(model, "branches", None) or []]
-    parts += [("fusion", f) for f in (getattr(model, "fusions", None) or [])]
-    parts += [("fusion", getattr(model, "gate", None))]
-    for p in getattr(model, "peers", None) or []:  # DML: each peer is trunk + one branch
-        parts += [("trunk", p.trunk), ("branches", p.branches[0])]
-    for label, module in parts:
-        if module is None:
-            continue
-
-        def pre(_m, _x, label=label):
-            rf = torch.profiler.record_function(label)
-            rf.__enter__()
-            open_.append(rf)
-
-        def post(_m, _x, _y):
-            open_.pop().__exit__(None, None, None)
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def breakdown(run: EngineRun, steps: int = 5) -> dict[str, float | str]:
-    """Milliseconds per step in each labelled part of ``run``'s step (torch.profiler): device time of the ranges
-    on CUDA where the profiler attributes it to them (``clock: device``), else host time (``clock: host``:
-    on CUDA that is launch time, not kernel time; the step is synced at its end). The step is
-    ``Run.train_step`` split into its parts: forward + objective (``OKDTask``), then ``AmpStepper``'s
-    backward and optimizer step (no clipping); the objective's own backward is inside ``backward``."""
-    tr, device = run.run, run.run.env.device
-    amp, task = tr.amp, tr.task
-    objective = task.objective
-
-    def timed_objective(*args, **kw):
-        with torch.profiler.record_function("objective"):
-            return objective(*args, **kw)
-
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                          if device.type == "cuda" else [])
-    task.objective = timed_objective
-    try:
-        with labelled(tr.model), torch.profiler.profile(activities=activities) as prof:
-            for _ in range(steps):
-                with torch.profiler.record_function("step"):
-                    with torch.profiler.record_function("data"):
-                        x, y = next(run.batches)
-                    terms = task(x, y)
-                    with torch.profiler.record_function("backward"):
-                        amp.scaler.scale(terms["loss"]).backward()
-                    with torch.profiler.record_function("optimizer"):
-                        amp.scaler.step(amp.optimizer)
-                        amp.scaler.update()
-                        amp.optimizer.zero_grad(set_to_none=True)
-                    run.meter.update(terms, run.steps)
-                synchronize(device)
-    finally:
-        task.objective = objective
-    events = [ev for ev in prof.key_averages() if ev.key in (*LABELS, "step")]
-    on_device = device.type == "cuda" and all(getattr(ev, "device_time_total", 0.0) > 0 for ev in events)
-    totals = {ev.key: (ev.device_time_total if on_device else ev.cpu_time_total) / 1000 / steps for ev in events}
-    step_ms = totals.pop("step", sum(totals.values()))
-    parts = {k: totals.get(k, 0.0) for k in LABELS}
-    parts["other"] = max(0.0, step_ms - sum(parts.values()))
-    return {"step_ms": step_ms, **parts, "clock": "device" if on_device else "host"}
 
 
 # ---- one run

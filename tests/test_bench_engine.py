@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_engine import LABELS, markdown, machine, paper_objective, run
+from bench_engine import machine, markdown, run
+from paper_loop import paper_objective
+from step_breakdown import LABELS
 from ahbf.kernels import build_graph
 from ahbf.kernels.reference import okd_objective_reference
 

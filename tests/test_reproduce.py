@@ -1,27 +1,15 @@
 """benchmarks/reproduce.py at a tiny size (so it never rots) and the diversity measure it reports."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import reproduce as rep  # benchmarks/ is on the path (pytest.ini)
 from ahbf.analysis import branch_diversity
+from reproduce_report import paired, sign_test_p
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_reproduce():
-    """benchmarks/reproduce.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    name = "ahbf_benchmarks_reproduce"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "reproduce.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up here
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 # ---------------------------------------------------------------------------- the diversity measure
@@ -64,11 +52,10 @@ def test_diversity_temperature_and_bad_input():
 # ---------------------------------------------------------------------------- statistics helpers
 
 def test_sign_test_and_paired():
-    rep = load_reproduce()
-    assert rep.sign_test_p(5, 0) == pytest.approx(2 / 32)
-    assert rep.sign_test_p(0, 0) == 1.0
-    assert rep.sign_test_p(3, 2) == 1.0
-    d = rep.paired({0: 90.0, 1: 92.0, 2: 91.0}, {0: 89.0, 1: 92.0, 2: 93.0, 7: 50.0})
+    assert sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(3, 2) == 1.0
+    d = paired({0: 90.0, 1: 92.0, 2: 91.0}, {0: 89.0, 1: 92.0, 2: 93.0, 7: 50.0})
     assert d["seeds"] == [0, 1, 2] and d["diffs"] == [1.0, 0.0, -2.0]
     assert (d["wins"], d["ties"], d["losses"]) == (1, 1, 1)
     assert d["mean"] == pytest.approx(-1 / 3)
@@ -76,7 +63,6 @@ def test_sign_test_and_paired():
 
 
 def test_low_data_split_is_stratified_and_seeded():
-    rep = load_reproduce()
     y = torch.arange(100) % 10
     a, b, c = rep.low_data_split(y, 4, 0), rep.low_data_split(y, 4, 0), rep.low_data_split(y, 4, 1)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -89,7 +75,6 @@ def test_low_data_split_is_stratified_and_seeded():
 # ---------------------------------------------------------------------------- the whole benchmark, tiny
 
 def test_reproduce_tiny(tmp_path):
-    rep = load_reproduce()
     p = rep.Protocol(seeds=[0, 1], epochs=1, per_class=3, image_size=8, batch_size=16, eval_batch_size=512)
     rep.reproduce(p, out_dir=str(tmp_path), name="tiny", work_dir=str(tmp_path / "work"),
                   command="pytest tiny", log=lambda *_: None)
