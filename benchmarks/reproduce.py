@@ -185,7 +185,7 @@ def run_one(p: Protocol, method: str, seed: int, work_dir: str) -> dict[str, Any
             "ensemble_top1": last.get("test_branch_ensemble_top1"), "disagreement": last.get("div_disagreement"),
             "sym_kl": last.get("div_sym_kl"), "curves": curves, "train_s": summary["train_s"], "wall_s": wall,
             "params": n_params, "train_samples": trainer.data.train.num_samples,
-            "test_samples": summary["test"]["_samples"]["n"], "config": cfg.to_dict()}
+            "test_samples": summary["test"]["_samples"]["n"], "config": run.cfg.to_dict()}
 
 
 # ------------------------------------------------------------------------------------------ entry points

@@ -37,6 +37,13 @@ def test_train_help_is_pinned(capsys):
     found, text = help_flags(train_main, capsys)
     assert found == TRAIN_FLAGS, f"added: {sorted(found - TRAIN_FLAGS)}, removed: {sorted(TRAIN_FLAGS - found)}"
     assert "section.key=value" in text and "[optim.lr, default 0.1]" in text
+    assert "[schedule.milestones, default 150 225]" in " ".join(text.split())
+
+
+def test_list_flags_take_several_values():
+    from ahbf.engine.cli import parse_train_args
+    assert parse_train_args(["--milestones", "10", "20"]).schedule.milestones == (10, 20)
+    assert parse_train_args(["optim.lr=0.2", "--milestones", "10,20"]).schedule.milestones == (10, 20)
 
 
 @pytest.mark.parametrize("main, expected", [(eval_main, EVAL_FLAGS), (export_main, EXPORT_FLAGS)])

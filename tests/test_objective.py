@@ -170,8 +170,10 @@ def test_invalid_custom_graphs_are_one_line_errors(kwargs, match):
 
 def test_graph_key_is_a_content_hash_of_the_structure():
     """The fused op receives ``graph.key``: the same structure gives the same key (names do not count),
-    in this process and in a fresh one; another structure another key; an unknown key a clear error."""
+    in this process and in a fresh one (also after unpickling there); another structure another key; an unknown
+    key a clear error."""
     import dataclasses
+    import pickle
     import subprocess
     import sys
 
@@ -184,8 +186,10 @@ def test_graph_key_is_a_content_hash_of_the_structure():
     others = [ahbf_graph(4, detach_teacher=True), ahbf_graph(4, lambda1=0.5), ahbf_graph(5), one_graph(4), dml_graph(4)]
     assert len({g.key, *(o.key for o in others)}) == 1 + len(others)
     assert graph_by_key(g.key) == g and 0 < g.key < 2 ** 63  # an int64 argument of the custom op
-    code = "from ahbf.kernels import ahbf_graph; print(ahbf_graph(4).key)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == str(g.key), out.stderr[-2000:]
+    # a graph unpickled in another process (spawned workers) is registered there under the same key
+    code = ("import pickle, sys; from ahbf.kernels.graph import graph_by_key; g = pickle.loads(sys.stdin.buffer.read());"
+            "from ahbf.kernels import ahbf_graph; print(ahbf_graph(4).key, graph_by_key(g.key) == g)")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(others[1]), capture_output=True, timeout=120)
+    assert out.stdout.decode().split() == [str(g.key), "True"], out.stderr.decode()[-2000:]
     with pytest.raises(KeyError, match="no distillation graph with key 12345"):
         encode(12345)

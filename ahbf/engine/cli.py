@@ -74,7 +74,7 @@ def _field(key: str) -> tuple[dataclasses.Field, str, Any]:
 
 def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], key: str) -> None:
     f, doc, default = _field(key)
-    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
     help_text = f"{doc} [{key}" + (f", default {shown}]" if shown != "" else ", default none]")
     help_text = help_text.replace("%", "%%")
     kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=help_text)
@@ -84,7 +84,7 @@ def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], ke
                             help="same as --compile off")
     elif f.type in ("bool", bool):
         parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-    elif str(f.type).startswith("list"):
+    elif str(f.type).startswith("tuple"):
         parser.add_argument(*flags, nargs="+", metavar="N", **kw)
     else:
         meta = "{" + ",".join(CHOICES[key]) + "}" if key in CHOICES and key != "model.arch" else key.split(".")[1].upper()

@@ -1,6 +1,6 @@
 """Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran (no ``auto`` left).
 
-Two phases, both called by ``build_run`` and nowhere else:
+Two phases: ``resolve`` (``build_run``, or the CLI before ``build_resolved``) and ``record_built`` (``build_resolved``):
 
 - ``resolve`` (before anything is built): the SPEC defaults of the model and the objective, the precision,
   threads, the scaled peak learning rate (and ``schedule.min_lr`` checked against it), the run folder

@@ -71,6 +71,9 @@ class DistillGraph:
             raise ValueError(f"names: expected {self.num_nodes} node names, got {len(self.names)}")
         _register(self)
 
+    def __reduce__(self):  # unpickled through __init__, so another process registers the graph under its key
+        return (DistillGraph, (self.name, self.num_branches, self.ensembles, self.ce_nodes, self.kl_edges, self.names))
+
     @property
     def num_nodes(self) -> int:
         return self.num_branches + len(self.ensembles)
