@@ -138,6 +138,7 @@ def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(tmp_path, caps
     assert train_main([*TINY, "-o", str(tmp_path), "--epochs", "1", "--overwrite"]) == 0
     assert "--overwrite: deleted the previous run's" in capsys.readouterr().out
     assert "overwrite: false" in (tmp_path / "config.yaml").read_text()  # -c config.yaml must not delete it again
+    assert load_checkpoint(str(tmp_path / "last.pt"))["config"]["train"]["overwrite"] is False  # the same config
 
 
 def test_a_live_run_holds_the_folder(tmp_path, capsys):

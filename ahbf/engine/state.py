@@ -43,7 +43,7 @@ class RunState:
     config.yaml and logs (a benchmark that needs no checkpoints)."""
 
     def __init__(self, run: Run, meter: LossMeter, info: Callable[[str], None] = print, checkpoints: bool = True):
-        self.run, self.cfg, self.env, self.meter, self.info = run, run.cfg, run.env, meter, info
+        self.run, self.env, self.meter, self.info = run, run.env, meter, info
         self.checkpoints = checkpoints
         self.epoch, self.step, self.history = 0, 0, []
         self.batch = 0  # batches of epoch self.epoch already trained (a mid-epoch checkpoint)
@@ -51,6 +51,8 @@ class RunState:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_good: str | None = None  # the newest checkpoint written or resumed from
         self.lock = None
+
+    cfg = property(lambda self: self.run.cfg)  # the run's one config
 
     def path(self, name: str) -> str:
         return os.path.join(self.cfg.train.output, name)
@@ -73,7 +75,7 @@ class RunState:
         for note in notes:
             self.info(note)
         # done: what config.yaml and the checkpoints record says no (re-run with -c, it must not delete this run)
-        self.cfg = self.cfg.replace(train={"overwrite": False})
+        self.run.cfg = self.cfg.replace(train={"overwrite": False})
 
     def write_config(self, link: bool) -> None:
         """Rank 0: ``config.yaml`` (the resolved config) and, for an automatically named folder, ``runs/latest``."""

@@ -32,7 +32,7 @@ class Trainer:
     evaluation, their values join the epoch's row (history, metrics.csv)."""
 
     def __init__(self, run: Run, recipe: str = "", checkpoints: bool = True, probes: Sequence[Probe] = ()):
-        self.run, self.cfg, self.env, t = run, run.cfg, run.env, run.cfg.train
+        self.run, self.env, t = run, run.env, run.cfg.train
         self.data, self.model, self.amp, self.task, self.schedule = run.data, run.model, run.amp, run.task, run.schedule
         self.recipe, self.probes = recipe, list(probes)  # recipe: in force (cli)
         self.bars = use_bars(t.progress)
@@ -53,6 +53,7 @@ class Trainer:
         self.compile_pending = t.compile != "off" or self.cfg.objective.backend != "eager"
         self.state.write_config(link=run.link_latest)
 
+    cfg = property(lambda self: self.run.cfg)  # the run's one config (the folder claim records overwrite off)
     # the progress a checkpoint holds lives in self.state
     step = property(lambda self: self.state.step)
     epoch = property(lambda self: self.state.epoch)
