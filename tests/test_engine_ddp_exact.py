@@ -4,10 +4,14 @@ Why it can be exact: with augmentation off, rank r's k-th batch is samples ``ord
 epoch permutation, so the two ranks together hold the single process's batch (in another order); every term
 of the objective is a batch mean and DDP averages the two ranks' gradients; SyncBN normalises with the
 global batch's statistics. Without SyncBN each rank normalises its own 8 samples and the runs differ.
-The run is one epoch of 4 steps: the weights then agree to 2e-6. Over more steps the two runs drift apart
-although every step is the same computation (measured: 2e-7 after 6 steps, then 6e-5 and 9e-4 after
-steps 7 and 8, losses still equal to 4 digits); presumably fp32 rounding flips an activation across a
-ReLU kink in this tiny 8-px net and the difference grows from there (not proven).
+
+The runs train in float64 (``--precision fp64``), so the verdict does not depend on the CPU: in float32 the two
+runs agree to 3e-6 for 3 steps, then differ by 1.7e-3 in a BatchNorm running variance after step 4 on an AVX-512
+AMD EPYC (2.4e-6 on the same box under ``ONEDNN_MAX_CPU_ISA=AVX2``; measured 2026-12-06): the sums are ordered
+differently, fp32 rounding flips an activation across a ReLU kink in this tiny 8-px net, and the difference grows
+from there. In float64 the same 4 steps agree to 5e-15 on both instruction sets (``FP64_BOUND``). What float32
+cannot flip is one step: the first step's loss, gradients and batch statistics are the same sums in another order,
+so one fp32 step is also checked (``FP32_STEP_BOUND``).
 torch's ``nn.SyncBatchNorm`` (and DDP around it) refuses CPU tensors, so on CPU the engine uses its own
 ``CpuSyncBatchNorm`` (differentiable all-reduces over Gloo), tested here; on CUDA it uses torch's (untested here).
 """
@@ -25,10 +29,13 @@ from ahbf.engine.checkpoint import load_checkpoint
 from test_engine_ddp import free_port
 
 COMMON = ["--dataset", "synthetic", "data.synthetic_samples=64", "data.val_fraction=0", "data.augment=false",
-          "--image-size", "8", "--arch", "resnet8", "--num-branches", "3", "--epochs", "1", "--precision", "fp32",
+          "--image-size", "8", "--arch", "resnet8", "--num-branches", "3", "--epochs", "1", "--precision", "fp64",
           "--objective-backend", "eager", "--deterministic", "--no-progress", "train.tensorboard=false",
           "--log-interval", "1", "--lr", "0.01", "--device", "cpu", "--threads", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FP64_BOUND = 1e-10  # float64, 4 steps: measured 5.3e-15 (weights), 0 (losses) on AVX-512 and under AVX2
+FP32_STEP_BOUND = 1e-5  # float32, 1 step: measured 1.3e-6 (weights), 9.5e-7 (loss) on AVX-512 and under AVX2
+ONE_STEP = ["data.synthetic_samples=16", "--precision", "fp32"]  # 16 samples: one step of the global batch 16
 
 
 def run(out, *args: str, procs: int = 1) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -52,13 +59,28 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[fl
     return max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a if a[k].is_floating_point())
 
 
-def test_two_ranks_with_sync_bn_equal_one_process(single, tmp_path):
-    weights, losses = run(tmp_path, "-b", "8", "--sync-bn", procs=2)
-    ref_weights, ref_losses = single
-    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+def assert_same_run(got: tuple[dict[str, torch.Tensor], list[float]],
+                    ref: tuple[dict[str, torch.Tensor], list[float]], bound: float) -> None:
+    (weights, losses), (ref_weights, ref_losses) = got, ref
+    assert weights[next(iter(weights))].dtype == ref_weights[next(iter(ref_weights))].dtype
+    assert losses == pytest.approx(ref_losses, rel=bound, abs=bound)
     diff, key = max_diff(weights, ref_weights)
-    assert diff < 1e-5, f"{key} differs by {diff:.3g}"
+    assert diff < bound, f"{key} differs by {diff:.3g}"
     assert any(torch.ne(weights[k], 0).any() and k.endswith("running_mean") for k in weights)
+
+
+def test_two_ranks_with_sync_bn_equal_one_process(single, tmp_path):
+    got = run(tmp_path, "-b", "8", "--sync-bn", procs=2)
+    assert got[0]["trunk.conv1.weight"].dtype == torch.float64
+    assert_same_run(got, single, FP64_BOUND)
+
+
+def test_one_fp32_step_with_sync_bn_equals_one_process(tmp_path):
+    """What fp32 rounding cannot flip: one step (the same sums in another order)."""
+    ref = run(tmp_path / "single", "-b", "16", *ONE_STEP)
+    got = run(tmp_path / "ranks", "-b", "8", "--sync-bn", *ONE_STEP, procs=2)
+    assert len(got[1]) == 1 and got[0]["trunk.conv1.weight"].dtype == torch.float32
+    assert_same_run(got, ref, FP32_STEP_BOUND)
 
 
 def test_without_sync_bn_the_runs_differ(single, tmp_path):

@@ -1,6 +1,6 @@
 """Two torchrun agents on this box as two "nodes" (static rendezvous, 1 Gloo process each), through the real CLI.
 
-1. 2 nodes x batch 8 with SyncBN train the weights of 1 process x batch 16 (the tolerance of
+1. 2 nodes x batch 8 with SyncBN train the weights of 1 process x batch 16 (in float64, as
    ``test_engine_ddp_exact.py``).
 2. Node 1 dies (SIGKILL to its agent and its worker) after the first checkpoint. Node 0's worker fails at its
    next collective; its agent restarts it and waits in the rendezvous for node 1. Node 1's agent is started
@@ -28,7 +28,7 @@ import pytest
 
 from ahbf.engine.checkpoint import load_checkpoint
 from test_engine_ddp import free_port
-from test_engine_ddp_exact import COMMON, max_diff, single  # noqa: F401 (single: the 1 x 16 fixture)
+from test_engine_ddp_exact import COMMON, FP64_BOUND, assert_same_run, single  # noqa: F401 (single: 1 x 16)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # 2 ranks x batch 8 on 58 images: 4 steps per epoch; 6 epochs = 24 steps, a checkpoint every 2
@@ -125,10 +125,7 @@ def test_two_nodes_with_sync_bn_equal_one_process(single, tmp_path):  # noqa: F8
     assert "world size 2" in nodes[0].text and nodes[1].text.count("TARGET (branch0) TEST TOP-1") == 0
     with open(tmp_path / "metrics.csv") as f:
         losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
-    ref_weights, ref_losses = single
-    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
-    diff, key = max_diff(load_checkpoint(str(tmp_path / "last.pt"))["model"], ref_weights)
-    assert diff < 1e-5, f"{key} differs by {diff:.3g}"
+    assert_same_run((load_checkpoint(str(tmp_path / "last.pt"))["model"], losses), single, FP64_BOUND)
 
 
 def test_a_killed_node_restarted_resumes_from_the_last_checkpoint(tmp_path):

@@ -120,7 +120,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     precision: str = "auto"
-    """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA) | auto (bf16 on GPUs that support it and on CPUs with native bf16, AVX512-BF16 / AMX; else fp16 on GPUs, fp32 on CPUs)"""
+    """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA) | auto (bf16 on GPUs that support it and on CPUs with native bf16, AVX512-BF16 / AMX; else fp16 on GPUs, fp32 on CPUs) | fp64 (float64 weights and images, no autocast: exact comparisons across machines, numerical debugging; slow)"""
     channels_last: bool = True
     """channels-last memory format for the model and the images"""
     compile: str = "off"

@@ -173,8 +173,8 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = torch.tensor([x.numel() // x.size(1)], dtype=torch.float32, device=x.device)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16 / bf16 in fp32; fp64 stays fp64
+        count = torch.tensor([x.numel() // x.size(1)], dtype=xf.dtype, device=x.device)
         total = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
         n, mean = total[-1], total[:-1] / total[-1]
         centred = xf - mean.view(shape)
@@ -197,10 +197,10 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         # exact types: a subclass does more (timm's BatchNormAct2d also applies its activation) and stays local
         if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-            device = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0)).device
-            cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
+            like = next(iter([*child.parameters(), *child.buffers()]), torch.empty(0))  # device and float dtype
+            cls = nn.SyncBatchNorm if like.device.type == "cuda" else CpuSyncBatchNorm
             sync = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
-                       device=device)
+                       device=like.device, dtype=like.dtype)
             sync.load_state_dict(child.state_dict())
             for new, old in zip(sync.parameters(), child.parameters()):
                 new.requires_grad_(old.requires_grad)  # frozen BN (MobileNetV2's unused blocks, PCL's EMA) stays frozen

@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load
 from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device
-from .precision import AmpStepper, resolve_precision
+from .precision import AmpStepper, param_dtype, resolve_precision
 from .resolve import resolve_objective
 from .task import OKDTask, make_graph
 
@@ -55,10 +55,10 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     spec = ckpt["spec"]
     if data.num_classes != spec["num_classes"]:
         check_spec(spec, {**spec, "num_classes": data.num_classes}, path)
-    model = model_from_checkpoint(ckpt, device, path)
+    precision = resolve_precision(cfg.train.precision, device)
+    model = model_from_checkpoint(ckpt, device, path).to(param_dtype(precision))
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    precision = resolve_precision(cfg.train.precision, device)
     amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
     objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
     task = OKDTask(model, make_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)

@@ -37,7 +37,8 @@ class LossMeter:
     def update(self, terms: dict[str, Tensor], step: int) -> None:
         if self.names is None:
             self.names = list(terms)
-        values = torch.stack([terms[n].detach().float() for n in self.names])
+        values = torch.stack([terms[n].detach() for n in self.names])
+        values = values.to(torch.promote_types(values.dtype, torch.float32))  # fp16 / bf16 -> fp32; fp64 stays
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
         bad = ~torch.isfinite(values[0]) & (self.first_bad == NEVER)
@@ -53,7 +54,7 @@ class LossMeter:
                                      f"{', '.join(terms) or 'loss'}); try a lower --lr, --clip-grad or --precision fp32")
         if self.sums is None:
             return {}
-        packed = all_reduce(torch.cat([self.sums, torch.tensor([self.count], device=self.device, dtype=torch.float32)]))
+        packed = all_reduce(torch.cat([self.sums, torch.tensor([self.count], device=self.device, dtype=self.sums.dtype)]))
         *sums, count = packed.tolist()
         for n, v in zip(self.names, sums):
             self.epoch_sums[n] = self.epoch_sums.get(n, 0.0) + v

@@ -9,7 +9,14 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": None}
+"""each ``train.precision``'s autocast dtype (None: no autocast)"""
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The weights' and the images' dtype: float64 for ``fp64`` (exactness tests, numerical debugging), else
+    float32 (bf16 / fp16 are autocast over float32 weights)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def cpu_has_bf16() -> bool:
@@ -25,7 +32,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 on other
-    CPUs, fp16 (with loss scaling) on older GPUs."""
+    CPUs, fp16 (with loss scaling) on older GPUs. ``fp64`` is never chosen: it is asked for."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

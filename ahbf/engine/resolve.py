@@ -25,7 +25,7 @@ from ..pipelines import DataBundle
 from .config import ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
 from .distributed import DistEnv, any_rank, default_threads
 from .fault import restart_count
-from .precision import DTYPES, resolve_precision
+from .precision import DTYPES, param_dtype, resolve_precision
 from .rundir import shared_output
 from .schedules import scaled_lr
 from .state import restart_resume
@@ -38,8 +38,10 @@ def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
 
 def resolve_values(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """SPEC defaults, precision, threads; ``ConfigError`` for what cannot run here (no files, no collectives)."""
-    cfg = method_defaults(cfg).replace(train={"precision": resolve_precision(cfg.train.precision, env.device),
-                                              "threads": cfg.train.threads or default_threads()})
+    precision = resolve_precision(cfg.train.precision, env.device)
+    cfg = method_defaults(cfg).replace(train={"precision": precision, "threads": cfg.train.threads or default_threads()})
+    if precision == "fp64":  # float64 weights need float64 images
+        cfg = cfg.replace(data={"dtype": "float64"})
     if cfg.objective.backend == "triton" and env.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {env.device}); "
                           "use compiled or eager")
@@ -120,7 +122,7 @@ def objective_backend(cfg: RunConfig, device: torch.device) -> str:
     """The backend ``okd_loss`` picks for this run's logits (device, autocast dtype, number of branches)."""
     if cfg.objective.backend != "auto":
         return cfg.objective.backend
-    dtype = DTYPES.get(cfg.train.precision) or torch.float32  # fp32: no autocast dtype
+    dtype = DTYPES.get(cfg.train.precision) or param_dtype(cfg.train.precision)  # fp32 / fp64: no autocast
     z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
     return choose_backend("auto", z, cfg.objective.eps)
 

@@ -28,7 +28,7 @@ from .compile import compile_model
 from .config import ConfigError, RunConfig
 from .distributed import DistEnv, convert_sync_batchnorm, set_threads
 from .optim import build_optimizer
-from .precision import AmpStepper
+from .precision import AmpStepper, param_dtype
 from .resolve import peak_lr, record_built, resolve
 from .schedules import LRSchedule
 from .task import OKDTask, make_graph
@@ -107,7 +107,8 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
                           "sample(s); BatchNorm needs 2 per step: use more data or fewer processes")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux, split=m.split).to(env.device)
+    model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux, split=m.split)
+    model = model.to(env.device, param_dtype(t.precision))
     if t.sync_bn and env.distributed:
         convert_sync_batchnorm(model)
     if t.channels_last:

@@ -7,7 +7,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import Tensor
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -46,7 +46,7 @@ class DataConfig:
     test_list: str = ""
     """text file of 'relative/path label' lines (relative to root) used instead of scanning root/val"""
     dtype: str = "float32"
-    """dtype of the image batches: float32 | float16 | bfloat16"""
+    """dtype of the image batches: float32 | float16 | bfloat16 | float64 (what train.precision=fp64 sets)"""
     synthetic_classes: int = 10
     """number of classes of the synthetic data set"""
     synthetic_samples: int = 512
