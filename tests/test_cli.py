@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ahbf.engine.cli import eval_main, export_main, train_main
 
@@ -111,11 +112,17 @@ def test_console_entry_point_runs():
     assert proc.returncode == 0 and proc.stdout.startswith("usage: ahbf-train")
 
 
-def test_default_demo_path_then_resume_auto(tmp_path, capsys):
+def test_default_demo_path_then_resume_auto(tmp_path, capsys, monkeypatch):
     """The no-argument demo's code path (digits, bf16, TensorBoard, plot), shortened to 2 + 1 epochs."""
     out = str(tmp_path / "demo")
-    assert train_main(["--epochs", "2", "-o", out, "--no-progress"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # respected (torch's convention), and the header says so
+    threads = torch.get_num_threads()
+    try:
+        assert train_main(["--epochs", "2", "-o", out, "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     text = capsys.readouterr().out
+    assert "1 thread (OMP_NUM_THREADS)" in text
     assert "TARGET (branch0) TEST TOP-1:" in text and "branch0 (target)" in text and "ta2" in text
     assert {"last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", "tb", "results.json"} <= set(
         p.name for p in (tmp_path / "demo").iterdir())

@@ -11,6 +11,7 @@ from ahbf.kernels import build_graph, okd_loss
 from ahbf.models import create_model
 from tests.utils import assert_close
 
+pytestmark = pytest.mark.isa  # CI runs these again under ONEDNN_MAX_CPU_ISA=AVX2
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "ahbf_resnet8_tiny.json"
 STEPS = 6
 

@@ -1,6 +1,7 @@
 """train.compile (off | model | branches), train.threads and the linear lr scaling rule."""
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -124,9 +125,26 @@ def test_min_lr_is_checked_against_the_scaled_peak_lr():
 
 def test_threads_and_lr_scaling(monkeypatch):
     assert resolve_values(RunConfig(), CPU).train.threads == default_threads() >= 1  # auto, written to config.yaml
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert default_threads() == 1
     assert scaled_lr(0.1, 256, 1024) == pytest.approx(0.4)
     assert scaled_lr(0.1, 0, 1024) == 0.1
     with pytest.raises(ConfigError, match="train.threads must be >= 0"):
         build_config(overrides=[("train.threads", -1)])
+
+
+def test_threads_respect_omp_num_threads_then_the_affinity_mask(monkeypatch):
+    from ahbf.engine.distributed import busy_hint, threads_origin
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3 and threads_origin(3) == "OMP_NUM_THREADS" and threads_origin(5) == "train.threads"
+    assert resolve_values(RunConfig(), CPU).train.threads == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5})  # a job's share of a bigger machine
+    assert default_threads() == 2 and threads_origin(2) == "2 usable cores"
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))  # another job keeps both cores busy
+    assert "load average 1.9 on 2 cores" in busy_hint(2) and "--threads 1" in busy_hint(2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert busy_hint(2) == ""

@@ -32,6 +32,7 @@ COMMON = ["--dataset", "synthetic", "data.synthetic_samples=64", "data.val_fract
           "--image-size", "8", "--arch", "resnet8", "--num-branches", "3", "--epochs", "1", "--precision", "fp64",
           "--objective-backend", "eager", "--deterministic", "--no-progress", "train.tensorboard=false",
           "--log-interval", "1", "--lr", "0.01", "--device", "cpu", "--threads", "1"]
+pytestmark = pytest.mark.isa  # CI runs these again under ONEDNN_MAX_CPU_ISA=AVX2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FP64_BOUND = 1e-10  # float64, 4 steps: measured 5.3e-15 (weights), 0 (losses) on AVX-512 and under AVX2
 FP32_STEP_BOUND = 1e-5  # float32, 1 step: measured 1.3e-6 (weights), 9.5e-7 (loss) on AVX-512 and under AVX2

@@ -115,6 +115,7 @@ def kill_all(nodes: list[Node]) -> None:
             n.kill()
 
 
+@pytest.mark.isa
 def test_two_nodes_with_sync_bn_equal_one_process(single, tmp_path):  # noqa: F811
     nodes, _ = start_nodes([*COMMON, "-b", "8", "--sync-bn", "-o", str(tmp_path)])
     try:

@@ -128,7 +128,7 @@ class TrainConfig:
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
     threads: int = 0
-    """CPU threads of torch (torch.set_num_threads, set before any work); 0 = auto (available cores / local processes)"""
+    """CPU threads of torch (torch.set_num_threads, set before any work); 0 = auto: OMP_NUM_THREADS if set, else the cores this process may use (affinity) / processes on this node; the header says which"""
     sync_bn: bool = False
     """under DDP, convert BatchNorm to SyncBatchNorm (batch statistics over the global batch)"""
     deterministic: bool = False

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..evaluation import format_table
 from ..models.summary import count_parameters
+from .distributed import busy_hint, threads_origin
 from .plots import plot_curves
 from .recipes import describe as describe_recipe
 
@@ -173,8 +174,9 @@ def header(run, recipe: str = "") -> str:
         f"schedule: {c.train.epochs} epochs of {len(d.train)} steps, {c.schedule.name} lr {run.peak_lr:.4g}"
         f"{' (scaled)' if c.optim.lr_base_batch else ''}, SGD {c.optim.impl}, weight decay {c.optim.weight_decay:g}",
         f"machine: {env.device}, world size {env.world_size}, {c.train.precision}, compile {compiled}, "
-        f"{c.train.threads} threads, objective {c.objective.backend}"]
-    return "\n".join(lines)
+        f"{c.train.threads} thread{'s' * (c.train.threads != 1)} ({threads_origin(c.train.threads)}), objective {c.objective.backend}"]
+    hint = busy_hint(c.train.threads) if env.device.type == "cpu" else ""
+    return "\n".join(lines + ([hint] if hint else []))
 
 
 def write_report(cfg, summary: dict[str, Any], history: list[dict[str, Any]], epochs_done: int,
