@@ -310,3 +310,38 @@ def test_help_text_errors_are_fixed():
     text = " ".join(train_parser().format_help().split())
     assert "default ]" not in text and "[train.resume, default none]" in text
     assert "a few minutes" not in text and "1-2.5 minutes on 2 free CPU cores" in text and "--name" in text
+
+
+def test_resume_a_run_folder_continues_it_in_place_with_its_recorded_config(tmp_path, capsys):
+    """Issue 23: ``--resume runs/X`` (or a checkpoint in it) continues X with X's config (here --method dml, which
+    is not repeated), in X; the flags given are listed, and one that makes it another run is refused."""
+    run = tmp_path / "dml_run"
+    assert train_main([*TINY, "--method", "dml", "--no-progress", "-o", str(run)]) == 0
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing {run} with its recorded config" in out and "train.epochs 1 -> 2" in out
+    assert "resumed from" in out and "epoch   2/2" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dml_run"]  # no new folder
+    cfg = load_yaml(str(run / "config.yaml"))
+    assert cfg["model"]["method"] == "dml" and cfg["train"]["epochs"] == 2
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    # a checkpoint file of the run: the same, from that checkpoint
+    assert train_main(["--resume", str(run / "last.pt"), "--epochs", "3", "--no-progress"]) == 0
+    assert "epoch   3/3" in capsys.readouterr().out
+    # a change that makes it another run: refused with the list (the folder's run is untouched)
+    assert train_main(["--resume", str(run), "--epochs", "4", "--lr", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr 0.1 -> 0.5" in err, err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("what, message", [("missing", "no such checkpoint file or run folder"),
+                                           ("empty", "not a run folder (no config.yaml")])
+def test_resume_of_a_missing_or_foreign_folder_is_one_line(tmp_path, capsys, what, message):
+    path = tmp_path / what
+    if what == "empty":
+        path.mkdir()
+    assert train_main(["--resume", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err

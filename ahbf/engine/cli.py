@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Callable
 
@@ -132,7 +133,37 @@ def _parse_train_args(argv: list[str] | None) -> tuple[RunConfig, str]:
     args = train_parser().parse_intermixed_args(_bare_compile(sys.argv[1:] if argv is None else argv))
     flags = [(k, v) for k, v in vars(args).items() if "." in k]
     overrides = flags + [parse_override(o) for o in args.overrides]
-    return build_config(args.config, overrides), chosen_recipe(args.config, overrides)
+    cfg = build_config(args.config, overrides)
+    t = cfg.train
+    if t.resume in ("", "auto") or t.output or t.name:
+        return cfg, chosen_recipe(args.config, overrides)
+    return _continued(t.resume, args.config, overrides), ""
+
+
+# what a machine decides for itself: a run continued elsewhere chooses again (config.yaml records this machine's)
+MACHINE = {"train": {"device": "auto", "threads": 0}, "data": {"backend": "auto"}}
+
+
+def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) -> RunConfig:
+    """``--resume <run folder | checkpoint>`` without ``-o`` / ``--name``: the run's recorded config, then the
+    files and flags given, continued in the run's folder; every value they change is listed (the resume then
+    refuses changes that make it another run, as ``--resume auto`` does)."""
+    from .checkpoint import load_checkpoint
+    from .config import config_from_dict, load_yaml, merge_dict
+    from .rundir import continued_run
+
+    folder, resume, recorded_file = continued_run(path)
+    recorded = load_yaml(recorded_file) if recorded_file else load_checkpoint(path).get("config") or {}
+    base = merge_dict(config_from_dict(recorded), MACHINE, source="machine")
+    cfg = build_config(files, [(k, v) for k, v in overrides if k != "train.resume"], base=base)
+    cfg = cfg.replace(train={"output": folder, "name": "", "resume": resume})
+    old, new = base.to_dict(), cfg.to_dict()
+    changed = [f"{s}.{k} {old[s][k]!r} -> {v!r}" for s in new for k, v in new[s].items()
+               if k not in ("output", "name", "resume") and old[s].get(k) != v]
+    if os.environ.get("RANK", "0") == "0":
+        print(f"continuing {folder} with its recorded config ({recorded_file or path})"
+              + (f"; changed by the command line: {', '.join(changed)}" if changed else ""))
+    return cfg
 
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:

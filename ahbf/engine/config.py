@@ -114,7 +114,7 @@ class TrainConfig:
     name: str = ""
     """run name: the output folder is runs/<name> (wins over train.output; config.yaml records the folder as train.output)"""
     resume: str = ""
-    """checkpoint to resume from: a path, or auto (= <output>/last.pt if it exists)"""
+    """resume from: auto (= <output>/last.pt if it exists, else the previous good one), a run folder or a checkpoint (without -o / --name: continue that run in its folder with its recorded config; the flags given are listed and may change only what --resume auto allows)"""
     seed: int = 0
     """random seed of the model initialisation (the data streams use data.seed)"""
     device: str = "auto"
@@ -333,16 +333,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = ()) -> RunConfig:
-    """Defaults, then YAML files in order, then (key, value) overrides in order; validated.
+def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = (),
+                 base: RunConfig | None = None) -> RunConfig:
+    """Defaults (or ``base``), then YAML files in order, then (key, value) overrides in order; validated.
 
     Without files, a ``data.dataset`` override that has a recipe (``ahbf/recipes/<dataset>.yaml``) applies that
     data set's paper values first, so the digits demo's defaults do not leak into it; a file with a top-level
-    ``recipe: <dataset>`` key starts from that recipe (``configs/*.yaml`` are such overlays)."""
+    ``recipe: <dataset>`` key starts from that recipe (``configs/*.yaml`` are such overlays). ``base`` (a run's
+    recorded config, ``--resume <run folder>``) already holds its recipe's values: none is applied again."""
     from .recipes import chosen_recipe, recipe_values
 
-    cfg = RunConfig()
-    recipe = chosen_recipe(files, overrides)
+    cfg = base or RunConfig()
+    recipe = "" if base else chosen_recipe(files, overrides)
     if recipe:
         cfg = merge_dict(cfg, recipe_values(recipe), source=f"recipe {recipe}")
     for path in files:

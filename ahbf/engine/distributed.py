@@ -166,8 +166,10 @@ def busy_hint(threads: int) -> str:
     others = max(0.0, load - (procs - 1) * threads)  # this job's other processes may already count
     if others + procs * threads <= cores + 0.5:
         return ""
-    return (f"hint: this machine is busy (load average {load:.1f} on {cores} cores) and this run adds {procs * threads}"
-            f" threads: CPU threads that compete run 10-100x slower; try --threads 1 or an idle machine")
+    n = procs * threads
+    fix = "--threads 1 or an idle machine" if threads > 1 else "an idle machine or fewer processes"
+    return (f"hint: this machine is busy (load average {load:.1f} on {cores} cores) and this run adds {n} "
+            f"thread{'s' * (n != 1)}: CPU threads that compete run 10-100x slower; try {fix}")
 
 
 def set_threads(threads: int) -> int:

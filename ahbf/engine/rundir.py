@@ -107,3 +107,22 @@ def link_latest(output: str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+def continued_run(path: str) -> tuple[str, str, str]:
+    """``--resume PATH`` without ``-o`` / ``--name``: continue the run PATH belongs to, in its own folder.
+    PATH is a run folder (its newest usable checkpoint, as ``--resume auto``) or a checkpoint file in one.
+    Returns (the folder, the ``train.resume`` value, the file that records the run's config)."""
+    if os.path.isdir(path):
+        folder, resume = path, "auto"
+    elif os.path.isfile(path):
+        folder, resume = os.path.dirname(path) or ".", path
+    else:
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint file or run folder")
+    recorded = os.path.join(folder, "config.yaml")
+    if os.path.isfile(recorded):
+        return folder, resume, recorded
+    if resume == "auto":
+        raise FileNotFoundError(f"--resume {path}: not a run folder (no config.yaml; ahbf-train writes one into "
+                                "every run folder); give a checkpoint file, or -o with the settings to use")
+    return folder, resume, ""  # a checkpoint outside a run folder: its own stored config
