@@ -36,7 +36,7 @@ class DataConfig:
     val_fraction: float = 0.1
     """fraction of the training set held out to choose the best checkpoint (never the test set; folder: only without root/val)"""
     download: bool = False
-    """allow torchvision to download CIFAR into root (off by default: nothing is fetched silently)"""
+    """allow downloading CIFAR into root (off by default: nothing is fetched silently; an archive placed in root by hand is unpacked without it)"""
     skip_bad_images: bool = False
     """skip unreadable images and empty class folders (with a warning that counts them) instead of stopping"""
     check_images: str = "auto"
