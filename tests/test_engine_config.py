@@ -42,7 +42,7 @@ def test_every_config_is_in_the_golden_file():
 def test_unknown_recipe_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("recipe: cifar1000\nmodel:\n  arch: resnet8\n")
-    with pytest.raises(ConfigError, match=r"unknown recipe 'cifar1000'; choose from cifar10, cifar100, imagenet"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'cifar1000'; choose from cifar10, cifar100, folder, imagenet"):
         build_config([str(bad)])
 
 

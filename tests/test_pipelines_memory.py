@@ -123,7 +123,7 @@ def test_build_data_in_memory(dataset):
 
 
 def test_missing_cifar_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"data folder not found: {tmp_path}/none"):
+    with pytest.raises(FileNotFoundError, match=f"cifar10 not found: neither {tmp_path}/none/cifar-10-batches-py/"):
         cifar_arrays("cifar10", str(tmp_path / "none"), download=False)
     with pytest.raises(ValueError, match="unknown dataset"):
         build_data(DataConfig(dataset="mnist"))

@@ -9,7 +9,7 @@ import torch
 
 from ..evaluation import evaluate, format_table
 from ..models import backbones, create_model, get_arch, target_state_dict
-from ..pipelines import build_data
+from ..pipelines import build_data, no_test_set_note
 from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
 from .checks import validate
 from .config import config_from_dict, set_value
@@ -63,8 +63,9 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
     task = OKDTask(model, make_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
+    stand_in = no_test_set_note(cfg.data) if split == "test" else ""  # a folder without test/: the val split
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "
-                                f"split, {precision}"))
+                                f"split{f' = {stand_in}' if stand_in else ''}, {precision}"))
     if json_path:
         info = {"checkpoint": path, "epoch": ckpt.get("epoch"), "spec": dict(spec), "dataset": cfg.data.dataset,
                 "split": split, "precision": precision}

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..evaluation import format_table
 from ..models.summary import count_parameters
+from ..pipelines import no_test_set_note
 from .distributed import busy_hint, threads_origin
 from .plots import plot_curves
 from .recipes import describe as describe_recipe
@@ -162,7 +163,8 @@ def header(run, recipe: str = "") -> str:
     deployed = count_parameters(m.arch, "baseline", d.num_classes)[1]
     sizes = d.sizes or {"train": d.train.num_samples * env.world_size}
     splits = f"{sizes['train']} train / " + (f"{sizes.get('val', 0)} val" if d.val is not None else "no val")
-    splits += f" / {sizes['test']} test" if "test" in sizes else ""
+    stand_in = no_test_set_note(c.data)
+    splits += (f" / test = {stand_in}" if stand_in else f" / {sizes['test']} test") if "test" in sizes else ""
     backend = "in-memory tensors" if d.backend == "memory" else f"{d.backend} (image check {d.check_images})"
     compiled = c.train.compile + (f" ({c.train.compile_mode})" if c.train.compile != "off" else "")
     lines = [f"run folder: {c.train.output}"] + ([describe_recipe(recipe)] if recipe else [])
@@ -185,7 +187,8 @@ def write_report(cfg, summary: dict[str, Any], history: list[dict[str, Any]], ep
     results, best, out = summary["test"], summary["best"], cfg.train.output
     where = (f"best checkpoint, epoch {best['epoch']}, chosen on val top-1 {best['val_top1']:.2f}%"
              if summary["checkpoint"] == "best" else f"last checkpoint, epoch {epochs_done}")
-    info("\n" + format_table(results, f"test set, {where}:"))
+    stand_in = no_test_set_note(cfg.data)
+    info("\n" + format_table(results, f"test set{f' = {stand_in}' if stand_in else ''}, {where}:"))
     info(f"last epoch: target test top-1 {summary['test_last'][TARGET]['top1']:.2f}%")
     info(f"TARGET ({TARGET}) TEST TOP-1: {results[TARGET]['top1']:.2f}%   ({cfg.model.arch}, {cfg.model.method}, "
          f"{cfg.data.dataset}; training took {summary['train_s']:.0f} s)")

@@ -5,9 +5,11 @@ import torch
 
 from .base import Batches, DataBundle, DataConfig, resolve_dtype
 from .memory import DeviceTensorLoader
+from .scan import no_test_set_note
 from .sources import STATS, cifar_arrays, digits_arrays, split_holdout, synthetic_arrays
 
 IN_MEMORY = ("digits", "cifar10", "cifar100", "synthetic")
+FOLDERS = ("imagenet", "folder")  # image folders: ahbf/pipelines/folder.py
 
 
 def _in_memory(cfg: DataConfig, rank: int, world_size: int, device) -> DataBundle:
@@ -38,10 +40,10 @@ def build_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
     """Train / held-out val / test loaders for ``cfg.dataset`` on ``device``, sharded by global rank."""
     if cfg.dataset in IN_MEMORY:
         return _in_memory(cfg, rank, world_size, device)
-    if cfg.dataset == "imagenet":
+    if cfg.dataset in FOLDERS:
         from .folder import build_folder_data  # DALI or torchvision, chosen by cfg.backend; imported on demand
         return build_folder_data(cfg, rank=rank, world_size=world_size, device=device)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {[*IN_MEMORY, 'imagenet']}")
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {[*IN_MEMORY, *FOLDERS]}")
 
 
-__all__ = ["Batches", "DataBundle", "DataConfig", "DeviceTensorLoader", "build_data"]
+__all__ = ["Batches", "DataBundle", "DataConfig", "DeviceTensorLoader", "build_data", "no_test_set_note"]

@@ -20,9 +20,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"
-    """digits (scikit-learn's bundled set, the default) | cifar10 | cifar100 | imagenet (class folders) | synthetic"""
+    """digits (scikit-learn's bundled set, the default) | cifar10 | cifar100 | imagenet (class folders) | folder (your own images: train/, val/, test/ of class folders) | synthetic"""
     root: str = "data"
-    """folder of the data set (CIFAR python format, or ImageNet-style train/ and val/ class folders)"""
+    """folder of the data set (CIFAR python format, or train/, val/ (and for folder test/) of class folders)"""
     backend: str = "auto"
     """auto | dali | torch: image-folder decoding with NVIDIA DALI or a torchvision DataLoader"""
     batch_size: int = 128
@@ -32,11 +32,11 @@ class DataConfig:
     workers: int = 4
     """decoding threads (DALI) or DataLoader workers (torch)"""
     image_size: int = 0
-    """training resolution; 0 = the data set's default (digits 32, CIFAR 32, ImageNet 224)"""
+    """training resolution; 0 = the data set's default (digits 32, CIFAR 32, ImageNet 224, folder 64)"""
     val_fraction: float = 0.1
-    """fraction of the training set held out to choose the best checkpoint (never the test set)"""
+    """fraction of the training set held out to choose the best checkpoint (never the test set; folder: only without root/val)"""
     download: bool = False
-    """allow torchvision to download CIFAR into root (off by default: nothing is fetched silently)"""
+    """allow downloading CIFAR into root (off by default: nothing is fetched silently; an archive placed in root by hand is unpacked without it)"""
     skip_bad_images: bool = False
     """skip unreadable images and empty class folders (with a warning that counts them) instead of stopping"""
     check_images: str = "auto"
@@ -44,7 +44,7 @@ class DataConfig:
     train_list: str = ""
     """text file of 'relative/path label' lines (relative to root) used instead of scanning root/train"""
     test_list: str = ""
-    """text file of 'relative/path label' lines (relative to root) used instead of scanning root/val"""
+    """text file of 'relative/path label' lines (relative to root) used instead of scanning root/val (folder: root/test)"""
     dtype: str = "float32"
     """dtype of the image batches: float32 | float16 | bfloat16 | float64 (what train.precision=fp64 sets)"""
     synthetic_classes: int = 10

@@ -1,7 +1,8 @@
 """Image-folder bookkeeping shared by the DALI and torchvision pipelines.
 
-Listing (the same samples, order and class indices as torchvision's ``ImageFolder``), file lists, the
-held-out split, the per-epoch sample order (``DistributedSampler``'s), and the checks for bad input.
+Listing (the same samples, order and class indices as torchvision's ``ImageFolder``), file lists, where the
+val and test splits come from (``split_sources``), the held-out split, the per-epoch sample order
+(``DistributedSampler``'s), and the checks for bad input.
 Every error names the file or folder at fault in one line.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from .base import DataConfig
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched on the lower-cased name as ImageFolder does
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -204,6 +207,37 @@ def holdout_split(images: ImageSet, fraction: float, seed: int = 0) -> tuple[Ima
     train = [s for i, s in enumerate(images.samples) if i not in held]
     val = [s for i, s in enumerate(images.samples) if i in held]
     return ImageSet(train, images.classes), ImageSet(val, images.classes)
+
+
+@dataclass(frozen=True)
+class SplitSources:
+    """Where an image-folder data set's val and test splits come from."""
+
+    val: str
+    """a folder, ``holdout`` (``val_fraction`` of the training images), or "" (no val split)"""
+    test: str
+    """a folder or file list, or ``val`` (no test set: the val split stands in, and the test table says so)"""
+
+
+def split_sources(cfg: DataConfig) -> SplitSources:
+    """``imagenet``: val = held out of ``root/train``, test = ``root/val`` (ILSVRC's val). ``folder`` (your own
+    images): val = ``root/val`` if it exists, else held out of ``root/train``; test = ``root/test`` if it
+    exists, else the val split. ``cfg.test_list`` replaces the test folder."""
+    holdout = "holdout" if cfg.val_fraction > 0 else ""
+    if cfg.dataset != "folder":
+        return SplitSources(holdout, cfg.test_list or os.path.join(cfg.root, "val"))
+    val, test = os.path.join(cfg.root, "val"), os.path.join(cfg.root, "test")
+    return SplitSources(val if os.path.isdir(val) else holdout,
+                        cfg.test_list or (test if os.path.isdir(test) else "val"))
+
+
+def no_test_set_note(cfg: DataConfig) -> str:
+    """"" when the test table reports a test set; otherwise what it reports instead (run log, ahbf-eval)."""
+    src = split_sources(cfg) if cfg.dataset == "folder" else None
+    if src is None or src.test != "val":
+        return ""
+    held = "held-out " if src.val == "holdout" else ""
+    return f"the {held}val split (no {os.path.join(cfg.root, 'test')} folder)"
 
 
 def epoch_permutation(n: int, *, seed: int, epoch: int, world_size: int) -> torch.Tensor:

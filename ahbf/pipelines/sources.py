@@ -34,16 +34,18 @@ def digits_arrays(image_size: int = 32, test_fraction: float = 0.2):
 
 
 def cifar_arrays(name: str, root: str, download: bool):
-    """CIFAR-10/100 in the standard python format under ``root`` (torchvision's dataset classes)."""
-    import torchvision
+    """CIFAR-10/100 in the standard python format under ``root`` (torchvision's dataset classes); a missing set
+    is unpacked from an archive placed in ``root``, or downloaded with ``download`` (``download.prepare_cifar``)."""
+    from .download import cifar_class, offline_hint, prepare_cifar
 
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    if not download and not os.path.isdir(root):
-        raise FileNotFoundError(f"data folder not found: {root} (pass --download to fetch {name})")
+    prepare_cifar(name, root, download)
+    cls = cifar_class(name)
     try:
-        train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise FileNotFoundError(f"{name} not found or corrupted under {root} ({err}); pass --download to fetch it") from None
+        train, test = cls(root, train=True), cls(root, train=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        folder = os.path.join(root, cls.base_folder)
+        raise ValueError(f"{folder} is incomplete or corrupt (a batch file is missing or fails its MD5): delete it "
+                         f"and run again with --download, or {offline_hint(name, root)}") from None
     arrays = [(torch.from_numpy(ds.data), torch.tensor(ds.targets, dtype=torch.int64)) for ds in (train, test)]
     return arrays[0], arrays[1], len(train.classes)
 
