@@ -131,3 +131,18 @@ def test_default_demo_path_then_resume_auto(tmp_path, capsys, monkeypatch):
     assert train_main(["--epochs", "3", "-o", out, "--no-progress", "--resume", "auto"]) == 0
     text = capsys.readouterr().out
     assert "resumed from" in text and "epoch   3/3" in text and "epoch   2/3" not in text
+
+
+def test_a_prefix_of_a_flag_is_not_accepted(capsys):
+    """``--epoch 3`` was taken silently as ``--epochs 3`` (argparse's abbreviations)."""
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--epoch", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("3", False)])
+def test_a_config_error_under_torchrun_is_printed_by_rank_0_only(capsys, monkeypatch, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    assert train_main(["optim.lrr=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert ("unknown config key 'optim.lrr'" in err) is printed and (err == "") is not printed

@@ -261,6 +261,7 @@ def test_eval_json_parses_and_matches_the_table(runs_dir, tmp_path, capsys, spli
     out = tmp_path / "eval.json"
     assert eval_main([str(first / "last.pt"), "--split", split, "--json", str(out)]) == 0
     table = capsys.readouterr().out
+    assert f"wrote {out}: the {split} split" in table  # a file named val.json holds what --split says
     result = json.loads(out.read_text())
     assert (result["split"], result["target"], result["samples"]) == (split, "branch0", {"test": 16, "val": 6}[split])
     assert list(result["nodes"]) == ["branch0", "branch1", "branch2", "branch3", "ta0", "ta1", "ta2"]
@@ -349,3 +350,26 @@ def test_resume_of_a_missing_or_foreign_folder_is_one_line(tmp_path, capsys, wha
     assert train_main(["--resume", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_the_prediction_example_in_the_docs_runs_on_an_exported_model(runs_dir, tmp_path, capsys):
+    """docs/training.md's snippet, on a run's export: the classes it prints are branch 0's of the checkpoint."""
+    from ahbf.engine.cli import export_main
+    from ahbf.engine.eval_export import model_from_checkpoint
+    from ahbf.engine.checkpoint import load_checkpoint
+
+    _, first, _, _ = runs_dir
+    exported = tmp_path / "resnet8_target.pt"
+    assert export_main([str(first / "last.pt"), "-o", str(exported)]) == 0
+    doc = (REPO / "docs" / "training.md").read_text().split("## Predicting with the exported model", 1)[1]
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "runs/latest/resnet8_target.pt" in code
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    capsys.readouterr()
+    ns = {"images": images}
+    exec(code.replace("runs/latest/resnet8_target.pt", str(exported)), ns)  # the docs' own code
+    printed = capsys.readouterr().out.strip()
+    model = model_from_checkpoint(load_checkpoint(str(first / "last.pt")))
+    with torch.no_grad():
+        expected = model(ns["x"]).logits[0].argmax(1)
+    assert printed == str(expected)

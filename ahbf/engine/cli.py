@@ -94,7 +94,7 @@ def _add_config_flag(parser: argparse.ArgumentParser, flags: tuple[str, ...], ke
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ahbf-train",
+        prog="ahbf-train", allow_abbrev=False,  # --epoch is not --epochs
         description="Train a network with online knowledge distillation (--method: AHBF or a peer method, "
                     "docs/methods.md; baseline: a plain network). With no arguments: AHBF, 4 branches, ResNet-8 on the bundled digits (1-2.5 minutes on "
                     "2 free CPU cores). --dataset cifar10 | cifar100 | imagenet without -c applies that data set's "
@@ -167,22 +167,30 @@ def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) ->
 
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:
-    """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2."""
+    """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2. Under torchrun a
+    config error (the same on every rank) and a stop are printed by rank 0 only; other errors (a rank's own
+    bad image) by the rank that hit them."""
     try:
         fn()
     except Preempted as err:  # a stop signal: the checkpoint of the last finished step is written
-        print(f"{prog}: {' '.join(str(err).split())}", file=sys.stderr)
+        _say(f"{prog}: {' '.join(str(err).split())}")
         return PREEMPTED_EXIT
     except NonFiniteLossError as err:
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        _say(f"{prog}: error: {' '.join(str(err).split())}")
         return NONFINITE_EXIT
     except USER_ERRORS as err:
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        _say(f"{prog}: error: {' '.join(str(err).split())}", every_rank=not isinstance(err, ConfigError))
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say(f"{prog}: interrupted", every_rank=True)
         return 130
     return 0
+
+
+def _say(line: str, every_rank: bool = False) -> None:
+    """A final line on stderr; under torchrun from rank 0 only unless ``every_rank``."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 def _train(argv: list[str] | None) -> None:
@@ -210,7 +218,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ahbf-eval", description="Top-1 / top-5 of every branch and every TA of an "
+    p = argparse.ArgumentParser(prog="ahbf-eval", allow_abbrev=False, description="Top-1 / top-5 of every branch and every TA of an "
                                 "ahbf-train checkpoint on the test split of the data set it was trained on.")
     p.add_argument("checkpoint", help="a checkpoint written by ahbf-train (last.pt, best.pt, epoch_N.pt)")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -238,7 +246,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ahbf-export", description="Export trunk + target branch of an ahbf-train "
+    p = argparse.ArgumentParser(prog="ahbf-export", allow_abbrev=False, description="Export trunk + target branch of an ahbf-train "
                                 "checkpoint as a plain network's state dict (strict-loadable into "
                                 "ahbf.models.create_plain(arch, K), or torchvision's resnet18/34/50).")
     p.add_argument("checkpoint", help="a checkpoint written by ahbf-train")

@@ -72,6 +72,8 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
         with open(json_path, "w") as f:
             json.dump(as_json(metrics, info), f, indent=1)
             f.write("\n")
+        other = "val" if split == "test" else "test"
+        print(f"wrote {json_path}: the {split} split ('split' in the file; --split {other} for the {other} split)")
     return metrics
 
 
