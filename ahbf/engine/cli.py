@@ -12,9 +12,10 @@ import sys
 from typing import Any, Callable
 
 from .checkpoint import CheckpointError
+from .durable import WriteError
 from .checks import CHOICES
 from .config import SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
-from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, Preempted
+from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, STORAGE_ERRNOS, WRITE_FAILED_EXIT, Preempted
 from .meters import NonFiniteLossError
 from .recipes import chosen_recipe
 from .rundir import discard_if_empty
@@ -147,9 +148,11 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
         return NONFINITE_EXIT
     except USER_ERRORS as err:
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        # a failed write (disk full, quota, ulimit -f) is neither bad input nor a crash
+        storage = isinstance(err, WriteError) or getattr(err, "errno", None) in STORAGE_ERRNOS
+        return WRITE_FAILED_EXIT if storage else 2
+    except KeyboardInterrupt as err:  # a second Ctrl-C; during a checkpoint write it names the file
+        print(f"{prog}: interrupted{' ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
     return 0
 

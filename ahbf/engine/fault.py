@@ -25,6 +25,9 @@ from .distributed import any_rank, is_distributed
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
 NONFINITE_EXIT = 3
+WRITE_FAILED_EXIT = 74  # EX_IOERR: a checkpoint (or another output file) could not be written: disk full, quota,
+#                         file size limit, I/O error; the previous checkpoints are intact. Requeueing will not help
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
 RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
