@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -28,6 +29,8 @@ NONFINITE_EXIT = 3
 WRITE_FAILED_EXIT = 74  # EX_IOERR: a checkpoint (or another output file) could not be written: disk full, quota,
 #                         file size limit, I/O error; the previous checkpoints are intact. Requeueing will not help
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+PEERS_LOST_EXIT = 69  # EX_UNAVAILABLE: another rank or node did not join in time, or died (torchrun restarts it)
+AGENT_LOST_EXIT = 70  # this worker's torchrun agent died: the worker ends too (no one would restart or reap it)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
 RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
@@ -73,6 +76,39 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+_AGENT: dict[str, Any] = {"lock": threading.Lock()}  # this worker's torchrun agent (pid), once watched
+
+
+def agent_died() -> bool:
+    """Whether this worker's torchrun agent (its parent when ``watch_agent`` started) is gone."""
+    return "pid" in _AGENT and os.getppid() != _AGENT["pid"]
+
+
+def end_orphan() -> None:
+    """One line, then exit ``AGENT_LOST_EXIT`` at once (said once, by whichever thread sees the death first)."""
+    with _AGENT["lock"]:
+        print(f"ahbf-train: rank {os.environ.get('RANK', '?')}: its torchrun agent (pid {_AGENT['pid']}) died; this "
+              "worker stops too, without a checkpoint (continue the run with --resume auto)", file=sys.stderr, flush=True)
+        os._exit(AGENT_LOST_EXIT)
+
+
+def watch_agent(interval_s: float = 0.2) -> None:
+    """Under torchrun: a daemon thread that ends this worker (``end_orphan``) within ``interval_s`` of its agent's
+    death (its parent: a SIGKILLed or OOM-killed agent would leave it training as an orphan, and the other
+    nodes waiting). A thread, not PR_SET_PDEATHSIG, so that it can say why, and it acts even while the main
+    thread waits in a collective."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    _AGENT["pid"] = os.getppid()
+
+    def watch() -> None:
+        while not agent_died():
+            time.sleep(interval_s)
+        end_orphan()
+
+    threading.Thread(target=watch, name="ahbf-agent-watch", daemon=True).start()
 
 
 def restart_count() -> int:
