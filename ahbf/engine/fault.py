@@ -99,7 +99,7 @@ def watch_agent(interval_s: float = 0.2) -> None:
     death (its parent: a SIGKILLed or OOM-killed agent would leave it training as an orphan, and the other
     nodes waiting). A thread, not PR_SET_PDEATHSIG, so that it can say why, and it acts even while the main
     thread waits in a collective."""
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or "pid" in _AGENT:  # not under torchrun, or watched already
         return
     _AGENT["pid"] = os.getppid()
 
