@@ -190,7 +190,14 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str
     if found and not resume and not overwrite:
         raise RunFolderError(f"{folder} already holds a run ({', '.join(found[:4])}); continue it with --resume auto, "
                              "start afresh there with --overwrite (deletes its checkpoints), or choose another -o")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the folder, or a folder above it, is a file
+        path = os.path.abspath(folder)
+        while os.path.dirname(path) != path and not os.path.isfile(path):
+            path = os.path.dirname(path)
+        raise RunFolderError(f"cannot use {folder} as the output folder: {path} is a file, not a folder; choose "
+                             "another -o") from None
     lock = FolderLock(folder)
     notes = [lock.warning] if lock.warning else []
     if overwrite and not resume:

@@ -219,11 +219,14 @@ class RunState:
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, path)
         check_spec(ckpt["spec"], model.spec, path)
-        changes = config_changes(ckpt.get("config") or {}, self.cfg.to_dict()) if same_run else []
-        if changes:
-            raise ModelMismatchError(f"--resume auto: {path} is another run's checkpoint ({'; '.join(changes[:4])}"
-                                     f"{'; ...' if len(changes) > 4 else ''}); give this run its own folder with "
-                                     f"--name / -o, or continue that run anyway with --resume {path}")
+        changes = config_changes(ckpt.get("config") or {}, self.cfg.to_dict())
+        listed = f"{'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''}"
+        if changes and same_run:
+            raise ModelMismatchError(f"--resume auto: {path} is another run's checkpoint ({listed}); give this run its "
+                                     f"own folder with --name / -o, or continue that run anyway with --resume {path}")
+        if changes:  # an explicit path: continue, with this run's settings, but say what differs
+            self.info(f"note: --resume {path}: this run's settings differ from the checkpoint's ({listed}); "
+                      "continuing with this run's")
         load_weights(model, ckpt["model"], path)
         try:
             amp.load_state_dict(ckpt["optim"])
