@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,9 +53,10 @@ def write_before(state: dict, path: str) -> None:
     atomic_save(state, path)
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median and quartiles (one value: all three the same)."""
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return q[0], statistics.median(xs), q[2]
+    return {"q25": q[0], "median": statistics.median(xs), "q75": q[2]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,13 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"arch": f"{args.arch} ahbf x{args.branches}, {args.classes} classes", "file_mb": size / 2**20,
               "reps": args.reps, "cpu": cpu_name(), "torch": torch.__version__, "threads": 1,
               "date": datetime.date.today().isoformat(), "load_average": os.getloadavg(),
-              "seconds": {k: dict(zip(("q25", "median", "q75"), _quartiles(v))) for k, v in times.items()}}
+              "seconds": {k: spread(v) for k, v in times.items()}}
     print(f"{result['arch']}: {result['file_mb']:.1f} MB, {args.reps} reps, 1 thread, load {result['load_average'][0]:.1f}")
     for k, v in result["seconds"].items():
         print(f"  {k:26s} median {v['median'] * 1e3:8.1f} ms  (25-75 %: {v['q25'] * 1e3:.1f}-{v['q75'] * 1e3:.1f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return result
 
 
