@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .durable import WriteError, atomic_write, fsync_folder, save_synced
+from .durable import WriteError, atomic_write, fsync_folder, save_synced, signals_held
 
 SPEC_KEYS = ("arch", "method", "num_classes", "num_branches", "aux", "split")  # split: torchvision / timm only
 RESUME_KEYS = ("model", "optim", "epoch", "step", "spec", "history", "rng")
@@ -137,8 +137,9 @@ def save_checkpoint(state: dict[str, Any], path: str, keep_last: int = 1, corrup
     state["checksum"] = checksum(state)
     tmp = atomic_write(path, lambda t: _write_verified(state, t, path), keep=True)
     try:
-        _rotate(path, keep_last, corrupt)
-        os.replace(tmp, path)
+        with signals_held():  # a second Ctrl-C now would leave the verified file unnamed
+            _rotate(path, keep_last, corrupt)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

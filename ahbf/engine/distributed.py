@@ -68,13 +68,16 @@ class PeersLost(RuntimeError):
     line naming the missing ranks and node from the CLI, exit ``PEERS_LOST_EXIT``."""
 
 
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+             "ncclRemoteError", "NCCL communicator was aborted", "collective operation timeout")
+
+
 def lost_peer(err: BaseException) -> bool:
-    """Whether ``err`` says a collective lost another rank (its process or node died): ``PeersLost``, torch's
-    ``DistError``s, or Gloo / NCCL's transport errors (plain RuntimeErrors naming the library)."""
-    text = str(err)
-    return isinstance(err, (PeersLost, dist.DistError)) or (  # (the group may be torn down by now)
-        isinstance(err, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
-            m in text for m in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")))
+    """Whether ``err`` says a collective lost another rank (its process or node died, or hung past the timeout):
+    ``PeersLost``, torch's network / store errors, or a Gloo / NCCL error saying so (plain RuntimeErrors)."""
+    return isinstance(err, (PeersLost, dist.DistNetworkError, dist.DistStoreError)) or (  # the group may be gone
+        isinstance(err, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and any(m in str(err) for m in LOST_PEER))
 
 
 def ranks_and_nodes(ranks: list[int]) -> str:

@@ -6,10 +6,12 @@ during it is a ``KeyboardInterrupt`` naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
-from typing import Any, Callable
+import signal
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -103,3 +105,15 @@ def _copy_synced(src: str, tmp: str) -> None:
 
 def atomic_copy(src: str, dst: str) -> None:
     atomic_write(dst, lambda tmp: _copy_synced(src, tmp))
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Stop signals (SIGINT, SIGTERM, SIGUSR1) wait until the block ends: a few renames that must all happen."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

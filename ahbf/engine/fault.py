@@ -7,6 +7,8 @@
 - ``claim_folder``: refuses a folder that holds another run unless it is resumed or ``--overwrite`` is given,
   and holds an ``flock`` on ``<folder>/.lock`` for the run's life (the kernel drops it when the process dies,
   so a killed run never leaves a stale lock).
+- ``watch_agent``: a torchrun worker ends, with one line, when its agent dies.
+- the exit statuses a job script acts on (docs/fault-tolerance.md).
 """
 from __future__ import annotations
 
