@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from ahbf.engine.checkpoint import (CheckpointError, atomic_save, check_spec, load_checkpoint, rng_state,
-                                    set_rng_state)
+from ahbf.engine.checkpoint import CheckpointError, check_spec, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ahbf.engine.durable import atomic_save
 from ahbf.engine.config import RunConfig
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.optim import build_optimizer
@@ -28,7 +28,7 @@ def training_state():
 def test_training_state_round_trips_with_weights_only(tmp_path):
     state = training_state()
     path = str(tmp_path / "last.pt")
-    atomic_save(state, path)
+    save_checkpoint(state, path)
     loaded = load_checkpoint(path)  # torch.load(..., weights_only=True)
     assert loaded["config"] == state["config"] and loaded["spec"] == state["spec"]
     for k, v in state["model"].items():

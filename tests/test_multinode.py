@@ -6,6 +6,8 @@
    next collective; its agent restarts it and waits in the rendezvous for node 1. Node 1's agent is started
    again with the same command (what a requeued job or an operator does); the group re-forms, resumes from the
    newest checkpoint (``--resume auto``) and finishes every step.
+3. Node 1's agent alone is SIGKILLed: its worker ends within seconds, saying why; node 0's worker loses it, and
+   its restart names the node that did not join and how long it waited (one line each, no worker traceback).
 What torchrun 2.14 does here, found by experiment: a fixed ``--nnodes 2`` job never finishes without the dead
 node (the survivor waits). The re-started agent's worker counts restarts from 0, the survivor's from 1: with
 the restart count as the store's key prefix its first attempt read the dead attempt's Gloo addresses (failed,
@@ -29,6 +31,7 @@ import pytest
 from ahbf.engine.checkpoint import load_checkpoint
 from test_engine_ddp import free_port
 from test_engine_ddp_exact import COMMON, FP64_BOUND, assert_same_run, single  # noqa: F401 (single: 1 x 16)
+from test_engine_fault import _state
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # 2 ranks x batch 8 on 58 images: 4 steps per epoch; 6 epochs = 24 steps, a checkpoint every 2
@@ -191,3 +194,31 @@ def test_every_attempt_on_one_store_gets_one_new_number():
         assert len(set(got.values())) == 1 and isinstance(got[0], int), got
         assert got[0] not in seen
         seen.append(got[0])
+
+
+def test_a_killed_agent_takes_its_workers_and_the_survivor_names_the_missing_node(tmp_path):
+    """SIGKILL to node 1's torchrun agent only: its worker ends within seconds and says why (it was left training
+    as an orphan); node 0's worker loses it at a collective, and its restart (``--max-restarts 1``) names the
+    node that did not join and how long it waited, one line each, no traceback of the worker's."""
+    args = [*LONG, "-o", str(tmp_path), "train.dist_timeout=4", "--epochs", "50"]
+    nodes, _ = start_nodes(args, restarts=1)
+    try:
+        wait_for(nodes, "(3)  loss")
+        (worker,) = _descendants(nodes[1].proc.pid)
+        start = time.time()
+        os.kill(nodes[1].proc.pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{worker}") and _state(worker) != "Z" and time.time() - start < 10:
+            time.sleep(0.05)
+        orphan_s = time.time() - start
+        code = nodes[0].wait(timeout=120)
+    finally:
+        kill_all(nodes)
+        if os.path.exists(f"/proc/{worker}") and _state(worker) != "Z":
+            os.kill(worker, signal.SIGKILL)
+    assert orphan_s < 5, f"node 1's worker outlived its agent by {orphan_s:.1f} s"
+    nodes[1].reader.join(timeout=10)
+    assert f"rank 1: its torchrun agent (pid {nodes[1].proc.pid}) died; this worker stops too" in nodes[1].text
+    survivor = nodes[0].text
+    assert code != 0 and "lost another rank in a collective" in survivor, survivor[-3000:]
+    assert "rank 0: node 1 (rank 1) did not join this attempt within 4 s (train.dist_timeout)" in survivor, survivor[-3000:]
+    assert "[rank0]: Traceback" not in survivor, survivor[-3000:]

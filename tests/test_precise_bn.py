@@ -75,7 +75,8 @@ def test_hint_only_when_batch_statistics_are_far_better():
 
 
 def test_write_bn_stats_keeps_the_checkpoint_loadable(tmp_path):
-    from ahbf.engine.checkpoint import checksum, atomic_save
+    from ahbf.engine.checkpoint import checksum
+    from ahbf.engine.durable import atomic_save
 
     model = net()
     state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "spec": {"arch": "x"}, "step": 3}

@@ -1,9 +1,10 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, checksums, rotation, architecture checks, RNG state.
+"""Checkpoints: ``weights_only`` loads, checksums, rotation, architecture checks, RNG state.
 
 A checkpoint is a dict of tensors and primitive containers only (the config as a plain dict), so it
-loads with ``torch.load(..., weights_only=True)``. ``save_checkpoint`` adds a SHA-256 of every tensor
-(``checksum``) and the package version; ``load_checkpoint`` verifies the checksum. ``last.pt`` is the
-newest checkpoint, ``last.1.pt`` ... the older ones kept (``train.keep_last``).
+loads with ``torch.load(..., weights_only=True)``. ``save_checkpoint`` adds the package version and a
+SHA-256 of every value (``checksum``), writes a temporary file, flushes it to disk and reads it back before
+the rotation (``last.pt`` the newest, ``last.1.pt`` ... the older ones kept, ``train.keep_last``) moves;
+``load_checkpoint`` verifies the checksum. A failed write is one ``WriteError`` line.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import hashlib
 import os
 import random
 import re
-import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .. import __version__
+from .durable import WriteError, atomic_write, fsync_folder, save_synced, signals_held
 
 SPEC_KEYS = ("arch", "method", "num_classes", "num_branches", "aux", "split")  # split: torchvision / timm only
 RESUME_KEYS = ("model", "optim", "epoch", "step", "spec", "history", "rng")
@@ -26,34 +27,6 @@ _TEMPORARY = re.compile(r"\.tmp\d*$")
 
 class CheckpointError(ValueError):
     """A missing, unreadable or incompatible checkpoint (reported as one line by the CLI)."""
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file in the same folder, then ``os.replace``: a reader (or a crash) never
-    sees a half-written file; the temporary file never outlives a failure."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _save_synced(obj: Any, tmp: str) -> None:
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` (flushed to disk) that a reader or a crash never sees half-written."""
-    _atomic_write(path, lambda tmp: _save_synced(obj, tmp))
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -68,14 +41,70 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{prefix}.{i}")
 
 
+def _tensor_bytes(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _feed(h, obj: Any) -> None:
+    """Every value of ``obj`` into the hash ``h``, with its type, in its order: tensors (dtype, shape, bytes,
+    requires_grad), containers (and a state dict's ``_metadata``, which ``load_state_dict`` reads), scalars."""
+    kind = type(obj).__name__
+    if isinstance(obj, torch.Tensor):
+        h.update(f"T{int(obj.requires_grad)}|".encode())
+        _tensor_bytes(h, obj)
+    elif isinstance(obj, dict):
+        h.update(f"{kind}{len(obj)}|".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+        if getattr(obj, "_metadata", None) is not None:
+            _feed(h, obj._metadata)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{kind}{len(obj)}|".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(f"str{len(data)}|".encode() + data)
+    else:  # int, float, bool, None, bytes, torch.dtype ...: repr is exact (floats round-trip)
+        h.update(f"{kind}:{obj!r}|".encode())
+
+
+DIGEST = "sha256:"  # the checksum of every value of the checkpoint; a bare 64-digit hex: tensors only (older files)
+
+
 def checksum(state: dict[str, Any]) -> str:
-    """SHA-256 over the name, dtype, shape and bytes of every tensor of the checkpoint (``checksum`` left out)."""
+    """``sha256:`` + SHA-256 of every value of the checkpoint (``checksum`` left out): the metadata a resume reads
+    (epoch, batch, step, RNG states, history, config, optimiser settings) as well as every tensor."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "checksum"})
+    return DIGEST + h.hexdigest()
+
+
+def _tensor_checksum(state: dict[str, Any]) -> str:
+    """The checksum of older files: SHA-256 over the name, dtype, shape and bytes of every tensor only."""
     h = hashlib.sha256()
     for name, t in _tensors({k: v for k, v in state.items() if k != "checksum"}):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{name}|".encode())
+        _tensor_bytes(h, t)
     return h.hexdigest()
+
+
+def verify(ckpt: dict[str, Any], path: str) -> None:
+    """``CheckpointError`` unless ``ckpt`` matches its checksum (a file of this version: every value; of an
+    older one, a bare hex digest: its tensors)."""
+    stored = ckpt.get("checksum")
+    if isinstance(stored, str) and stored.startswith(DIGEST):
+        ok = checksum(ckpt) == stored
+    elif isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{64}", stored):
+        ok = _tensor_checksum(ckpt) == stored
+    else:
+        raise CheckpointError(f"checkpoint {path} is corrupt: it has no readable checksum")
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match its checksum")
 
 
 def non_finite(state: Any) -> list[str]:
@@ -98,19 +127,48 @@ def older(path: str, i: int) -> str:
     return path if i == 0 else f"{root}.{i}{ext}"
 
 
-def save_checkpoint(state: dict[str, Any], path: str, keep_last: int = 1) -> None:
-    """Write ``state`` (with its checksum and the package version) to ``path`` atomically, after moving the
-    previous ``path`` to ``<path>.1`` ... (``keep_last`` files in all; each move is one atomic rename)."""
+def save_checkpoint(state: dict[str, Any], path: str, keep_last: int = 1, corrupt: Iterable[str] = ()) -> None:
+    """Write ``state`` (with its checksum and the package version) to ``path``, keeping ``keep_last`` files in
+    all (``path``, ``<path>.1`` ...). The new file is written to a temporary name, flushed to disk and read back
+    (its checksum verified) before any older file moves or goes: a failed write (``WriteError``)
+    leaves every checkpoint as it was. ``corrupt``: files of the rotation known to be damaged (a resume fell
+    back past them); they are never kept in place of a good one, and are deleted once the new file is in place."""
     state = {**state, "version": __version__}
     state["checksum"] = checksum(state)
-    for i in range(keep_last - 1, 0, -1):
-        if os.path.exists(older(path, i - 1)):
-            os.replace(older(path, i - 1), older(path, i))
-    i = keep_last
-    while os.path.exists(older(path, i)):  # beyond keep_last (a resumed run may keep fewer)
-        os.remove(older(path, i))
-        i += 1
-    atomic_save(state, path)
+    tmp = atomic_write(path, lambda t: _write_verified(state, t, path), keep=True)
+    try:
+        with signals_held():  # a second Ctrl-C now would leave the verified file unnamed
+            _rotate(path, keep_last, corrupt)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_folder(path)
+
+
+def _write_verified(state: dict[str, Any], tmp: str, path: str) -> None:
+    save_synced(state, tmp)
+    try:
+        verify(torch.load(tmp, map_location="cpu", weights_only=True), tmp)
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, this file must not replace a good one
+        raise WriteError(f"cannot write {path}: the file read back is not what was written "
+                                   f"({' '.join(str(err).split())})") from None
+
+
+def _rotate(path: str, keep: int, corrupt: Iterable[str]) -> None:
+    """Make room for the new ``path``: the ``keep - 1`` newest files of the rotation not known to be corrupt move
+    to ``path.1``, ``path.2`` ... (keeping their order); every other file of the rotation but ``path`` is deleted.
+    A file moves one place up or to a lower place (over deleted ones); the moves down in increasing order, then
+    those up in decreasing order, never overwrite a file that has still to move."""
+    bad = {os.path.abspath(p) for p in corrupt}
+    chain = _chain(path)
+    kept = [(i, p) for i, p in chain if os.path.abspath(p) not in bad][:max(keep - 1, 0)]
+    moves = [(i, j, p) for j, (i, p) in enumerate(kept, start=1)]
+    for i, j, p in [m for m in moves if m[0] > m[1]] + [m for m in reversed(moves) if m[0] < m[1]]:
+        os.replace(p, older(path, j))
+    for i, p in chain:
+        if 0 < i and not 0 < i <= len(kept) and os.path.exists(p):  # beyond the kept ones, or a corrupt one
+            os.remove(p)
 
 
 def remove_temporaries(folder: str) -> list[str]:
@@ -124,24 +182,33 @@ def remove_temporaries(folder: str) -> list[str]:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load on the CPU with ``weights_only=True``; check that it is an ahbf training checkpoint and that its
-    tensors match its checksum (files written before checksums existed are not checked)."""
+    """Load on the CPU with ``weights_only=True``; check that it is an ahbf training checkpoint and that it
+    matches its checksum (``verify``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means "not a readable checkpoint"
-        reason = " ".join(str(err).split()) or type(err).__name__
-        if reason.startswith("Weights only load failed"):  # keep torch's reason, drop its advice to load unsafely
-            for marker in ("trusted source.", "compatible with your use case:", "WeightsUnpickler error:"):
-                reason = reason.split(marker)[-1]
-            reason = "refused by the weights-only unpickler: " + reason.split(" Check the documentation")[0].strip()
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable(err)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
         raise CheckpointError(f"{path} is not an ahbf-train checkpoint (no 'model' and 'spec' entries)")
-    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match its checksum")
+    verify(ckpt, path)
     return ckpt
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load failed, in words: a refused object (a pickle that would run code) or a damaged file; never
+    torch's advice to load the file unsafely."""
+    reason = " ".join(str(err).split())
+    if reason.startswith("Weights only load failed"):
+        for marker in ("trusted source.", "compatible with your use case:", "WeightsUnpickler error:"):
+            reason = reason.split(marker)[-1]
+        reason = reason.split(" Check the documentation")[0].split(" Please file an issue")[0].strip()
+        if "GLOBAL" in reason:  # a pickle naming a function or class: what a malicious file does
+            return f"refused by the weights-only unpickler: it holds an object other than tensors and plain values ({reason})"
+    else:
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    return f"the file is damaged or was not written by torch.save ({reason[:200]})"
 
 
 def check_resumable(ckpt: dict[str, Any], path: str) -> None:
@@ -231,11 +298,17 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> 
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda, device)  # older: all devices
 
 
-def newest_first(path: str) -> list[str]:
-    """``path`` (e.g. last.pt) and its older copies last.1.pt, last.2.pt ... that exist, newest first."""
+def _chain(path: str) -> list[tuple[int, str]]:
+    """(i, file) of ``path`` (i = 0, e.g. last.pt) and its older copies last.1.pt, last.2.pt ... that exist, in
+    order."""
     folder, name = os.path.split(path)
     root, ext = os.path.splitext(name)
     pattern = re.compile(rf"^{re.escape(root)}\.(\d+){re.escape(ext)}$")
     found = sorted((int(m.group(1)), f) for f in (os.listdir(folder or ".") if os.path.isdir(folder or ".") else [])
                    if (m := pattern.match(f)))
-    return ([path] if os.path.isfile(path) else []) + [os.path.join(folder, f) for _, f in found]
+    return ([(0, path)] if os.path.isfile(path) else []) + [(i, os.path.join(folder, f)) for i, f in found if i > 0]
+
+
+def newest_first(path: str) -> list[str]:
+    """``path`` (e.g. last.pt) and its older copies last.1.pt, last.2.pt ... that exist, newest first."""
+    return [p for _, p in _chain(path)]

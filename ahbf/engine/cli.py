@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from typing import Any, Callable
 
 from .checkpoint import CheckpointError
+from .durable import WriteError
 from .checks import CHOICES
 from .config import SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
-from .fault import NONFINITE_EXIT, PREEMPTED_EXIT, Preempted
+from .distributed import lost_peer
+from .fault import (NONFINITE_EXIT, PEERS_LOST_EXIT, PREEMPTED_EXIT, STORAGE_ERRNOS, WRITE_FAILED_EXIT,
+                    Preempted, agent_died, end_orphan, watch_agent)
 from .meters import NonFiniteLossError
 from .recipes import chosen_recipe
 from .rundir import discard_if_empty
@@ -178,11 +182,24 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
     except NonFiniteLossError as err:
         _say(f"{prog}: error: {' '.join(str(err).split())}")
         return NONFINITE_EXIT
+    except RuntimeError as err:  # another rank or node is gone: one line, not a traceback per rank and attempt
+        if not lost_peer(err):
+            raise
+        if agent_died():
+            end_orphan()  # the cause: this node's agent died (its workers exit, the other ranks lose them)
+        text = " ".join(str(err).split())
+        if not text.startswith("rank "):  # a transport error: what it says, without the source path and advice
+            text = re.sub(r"^\[[^\]]*\] ", "", text).split(". This is typically")[0][:200]
+            text = f"lost another rank in a collective (its process or node died): {text}"
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return PEERS_LOST_EXIT
     except USER_ERRORS as err:
         _say(f"{prog}: error: {' '.join(str(err).split())}", every_rank=not isinstance(err, ConfigError))
-        return 2
-    except KeyboardInterrupt:
-        _say(f"{prog}: interrupted", every_rank=True)
+        # a failed write (disk full, quota, ulimit -f) is neither bad input nor a crash
+        storage = isinstance(err, WriteError) or getattr(err, "errno", None) in STORAGE_ERRNOS
+        return WRITE_FAILED_EXIT if storage else 2
+    except KeyboardInterrupt as err:  # a second Ctrl-C; during a checkpoint write it names the file
+        _say(f"{prog}: interrupted{' ' + str(err) if str(err) else ''}", every_rank=True)
         return 130
     return 0
 
@@ -201,6 +218,7 @@ def _train(argv: list[str] | None) -> None:
 
     cfg, recipe = _parse_train_args(argv)
     auto_named, latest = not (cfg.train.output or cfg.train.name), links_latest(cfg)
+    watch_agent()  # under torchrun: end with the agent, also while the set-up waits for other ranks
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         cfg = resolve(cfg, env)  # names (and makes) the run folder

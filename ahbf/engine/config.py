@@ -138,7 +138,7 @@ class TrainConfig:
     save_every: int = 0
     """also keep epoch_N.pt every N epochs; 0 = only last.pt and best.pt"""
     checkpoint_every: str = "30m"
-    """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off = at epoch ends only"""
+    """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off (or 0) = at epoch ends only"""
     precise_bn: int = 0
     """precise BatchNorm: before the final evaluation, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; averaged over ranks); 0 = off. Short runs' running statistics lag the weights"""
     stop_poll_every: int = 1

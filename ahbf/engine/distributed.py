@@ -63,18 +63,47 @@ def setup(device_name: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(rank, local, world, device)
 
 
+class PeersLost(RuntimeError):
+    """Another rank did not join this attempt in time, or a collective lost it (its process or node died): one
+    line naming the missing ranks and node from the CLI, exit ``PEERS_LOST_EXIT``."""
+
+
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+             "ncclRemoteError", "NCCL communicator was aborted", "collective operation timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` says a collective lost another rank (its process or node died, or hung past the timeout):
+    ``PeersLost``, torch's network / store errors, or a Gloo / NCCL error saying so (plain RuntimeErrors)."""
+    return isinstance(err, (PeersLost, dist.DistNetworkError, dist.DistStoreError)) or (  # the group may be gone
+        isinstance(err, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and any(m in str(err) for m in LOST_PEER))
+
+
+def ranks_and_nodes(ranks: list[int]) -> str:
+    """``node 1 (ranks 2, 3)``: nodes counted as torchrun numbers ranks, ``node_rank * nproc_per_node +
+    local_rank`` (the same ``--nproc_per_node`` on every node)."""
+    per_node, nodes = local_world_size(), {}
+    for r in ranks:
+        nodes.setdefault(r // per_node, []).append(r)
+    return ", ".join(f"node {n} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                     for n, rs in sorted(nodes.items()))
+
+
 def generation(store: dist.Store, rank: int, world: int, timeout_s: float = 600.0) -> int:
     """A number all ranks of this attempt agree on and no earlier attempt on ``store`` used. Not torchrun's
     restart count: a node's agent started again after the node died counts from 0 while the survivors' agents
     count their restarts. Rank 0 (a fresh process in every attempt) takes the next number; every other rank
     follows the newest number above the last one its rank used, says so, and goes once rank 0 has seen every
-    rank say its number (a rank that read a number of an attempt that failed half-way moves on to the newer one)."""
+    rank say its number (a rank that read a number of an attempt that failed half-way moves on to the newer one).
+    After ``timeout_s``: ``PeersLost`` naming the ranks (and nodes) that did not arrive."""
+    start = time.monotonic()
     if rank == 0:
         gen = store.add("ahbf/gen", 1)
         waiting = set(range(1, world))
     else:
         last = store.add(f"ahbf/used/{rank}", 0)
-    deadline, said = time.monotonic() + timeout_s, 0
+    said = 0
     while True:
         if rank == 0:
             waiting = {r for r in waiting if store.add(f"ahbf/used/{r}", 0) != gen}
@@ -88,8 +117,15 @@ def generation(store: dist.Store, rank: int, world: int, timeout_s: float = 600.
                 said = newest
             if said and store.check([f"ahbf/go/{said}"]):
                 return said
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rank {rank}: the ranks did not agree on an attempt number within {timeout_s:.0f} s")
+        waited = time.monotonic() - start
+        if waited > timeout_s:
+            if rank == 0:
+                missing = sorted(waiting)
+            else:  # rank 0 has not started a new attempt, or these ranks have not said its number
+                missing = [0] if not said else [r for r in range(1, world) if store.add(f"ahbf/used/{r}", 0) != said]
+            raise PeersLost(f"rank {rank}: {ranks_and_nodes(missing) or 'another rank'} did not join this attempt "
+                            f"within {waited:.0f} s (train.dist_timeout): its node is down, its torchrun agent died or "
+                            "it was not started; each torchrun restart waits as long again")
         time.sleep(0.01)
 
 

@@ -10,7 +10,8 @@ import torch
 from ..evaluation import evaluate, format_table
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data, no_test_set_note
-from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
+from .checkpoint import CheckpointError, check_spec, describe, load_checkpoint, load_weights, non_finite
+from .durable import atomic_save
 from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device

@@ -7,6 +7,8 @@
 - ``claim_folder``: refuses a folder that holds another run unless it is resumed or ``--overwrite`` is given,
   and holds an ``flock`` on ``<folder>/.lock`` for the run's life (the kernel drops it when the process dies,
   so a killed run never leaves a stale lock).
+- ``watch_agent``: a torchrun worker ends, with one line, when its agent dies.
+- the exit statuses a job script acts on (docs/fault-tolerance.md).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import fcntl
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -25,6 +28,11 @@ from .distributed import any_rank, is_distributed
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a checkpoint of the last finished step is on disk
 NONFINITE_EXIT = 3
+WRITE_FAILED_EXIT = 74  # EX_IOERR: a checkpoint (or another output file) could not be written: disk full, quota,
+#                         file size limit, I/O error; the previous checkpoints are intact. Requeueing will not help
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+PEERS_LOST_EXIT = 69  # EX_UNAVAILABLE: another rank or node did not join in time, or died (torchrun restarts it)
+AGENT_LOST_EXIT = 70  # this worker's torchrun agent died: the worker ends too (no one would restart or reap it)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
 RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
@@ -70,6 +78,39 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+_AGENT: dict[str, Any] = {"lock": threading.Lock()}  # this worker's torchrun agent (pid), once watched
+
+
+def agent_died() -> bool:
+    """Whether this worker's torchrun agent (its parent when ``watch_agent`` started) is gone."""
+    return "pid" in _AGENT and os.getppid() != _AGENT["pid"]
+
+
+def end_orphan() -> None:
+    """One line, then exit ``AGENT_LOST_EXIT`` at once (said once, by whichever thread sees the death first)."""
+    with _AGENT["lock"]:
+        print(f"ahbf-train: rank {os.environ.get('RANK', '?')}: its torchrun agent (pid {_AGENT['pid']}) died; this "
+              "worker stops too, without a checkpoint (continue the run with --resume auto)", file=sys.stderr, flush=True)
+        os._exit(AGENT_LOST_EXIT)
+
+
+def watch_agent(interval_s: float = 0.2) -> None:
+    """Under torchrun: a daemon thread that ends this worker (``end_orphan``) within ``interval_s`` of its agent's
+    death (its parent: a SIGKILLed or OOM-killed agent would leave it training as an orphan, and the other
+    nodes waiting). A thread, not PR_SET_PDEATHSIG, so that it can say why, and it acts even while the main
+    thread waits in a collective."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or "pid" in _AGENT:  # not under torchrun, or watched already
+        return
+    _AGENT["pid"] = os.getppid()
+
+    def watch() -> None:
+        while not agent_died():
+            time.sleep(interval_s)
+        end_orphan()
+
+    threading.Thread(target=watch, name="ahbf-agent-watch", daemon=True).start()
 
 
 def restart_count() -> int:
@@ -151,7 +192,14 @@ def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str
     if found and not resume and not overwrite:
         raise RunFolderError(f"{folder} already holds a run ({', '.join(found[:4])}); continue it with --resume auto, "
                              "start afresh there with --overwrite (deletes its checkpoints), or choose another -o")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the folder, or a folder above it, is a file
+        path = os.path.abspath(folder)
+        while os.path.dirname(path) != path and not os.path.isfile(path):
+            path = os.path.dirname(path)
+        raise RunFolderError(f"cannot use {folder} as the output folder: {path} is a file, not a folder; choose "
+                             "another -o") from None
     lock = FolderLock(folder)
     notes = [lock.warning] if lock.warning else []
     if overwrite and not resume:

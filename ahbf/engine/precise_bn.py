@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checkpoint import atomic_save, checksum, load_checkpoint
+from .checkpoint import checksum, load_checkpoint
+from .durable import atomic_save
 
 
 def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:

@@ -95,6 +95,25 @@ def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> R
     return build_resolved(resolve(cfg, env), env, data, link_latest=links_latest(cfg))
 
 
+def input_notes(cfg: RunConfig, data: DataBundle, env: DistEnv) -> list[str]:
+    """Inputs a run cannot train on (``ConfigError``), and those it trains on otherwise than the user may think
+    (one note each, for the log)."""
+    n, batch = data.train.num_samples, cfg.data.batch_size
+    if n < 2:
+        raise ConfigError(f"each of the {env.world_size} processes gets {n} training sample(s); BatchNorm needs 2 "
+                          "per step: use more data or fewer processes")
+    if data.num_classes < 2:
+        raise ConfigError(f"data set {cfg.data.dataset} has {data.num_classes} class (its top-1 would be 100% by "
+                          f"construction): a classifier needs at least 2{' (one folder per class)' if cfg.data.root else ''}")
+    notes = []
+    if batch > n:
+        notes.append(f"note: the batch ({batch} per process) is larger than the training split ({n} samples per "
+                     f"process): each epoch is one step of {n}, and a scaled lr assumes full batches")
+    if str(cfg.train.checkpoint_every).strip() == "0":
+        notes.append("note: train.checkpoint_every 0 means off: last.pt is written at epoch ends only")
+    return notes
+
+
 def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None, link_latest: bool = False) -> Run:
     """Build the run of a config that ``resolve`` returned (``ahbf-train`` keeps it: it names the run folder)."""
     t, m = cfg.train, cfg.model
@@ -102,9 +121,7 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     configure_determinism(t.deterministic)
     if data is None:
         data = build_data(cfg.data, rank=env.rank, world_size=env.world_size, device=env.device)
-    if data.train.num_samples < 2:
-        raise ConfigError(f"each of the {env.world_size} processes gets {data.train.num_samples} training "
-                          "sample(s); BatchNorm needs 2 per step: use more data or fewer processes")
+    notes: list[str] = input_notes(cfg, data, env)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux, split=m.split)
@@ -116,7 +133,6 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     schedule = LRSchedule(cfg.schedule, peak_lr(cfg, env.world_size), t.epochs, len(data.train))
     optimizer = build_optimizer(model.parameters(), cfg.optim, env.device, t.precision == "fp16", lr=schedule(0, 0))
     amp = AmpStepper(optimizer, model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
-    notes: list[str] = []
     train_fwd, eval_fwd = wrap_model(model, env, t.compile, t.compile_mode, notes.append)
     task = OKDTask(train_fwd, make_graph(m.method, m.num_branches, cfg.objective), cfg.objective, amp.autocast,
                    eval_model=eval_fwd)

@@ -13,13 +13,15 @@ The file format is ``ahbf.engine.checkpoint``'s (``state_dict`` lists the keys).
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .checkpoint import (CheckpointError, ModelMismatchError, atomic_copy, check_resumable, check_spec, config_changes,
+from .checkpoint import (CheckpointError, ModelMismatchError, check_resumable, check_spec, config_changes,
                          load_checkpoint, load_weights, newest_first, non_finite, rng_state, save_checkpoint,
                          set_rng_state)
+from .durable import WriteError, atomic_copy
 from .distributed import DistEnv, all_gather, any_rank
 from .fault import RunFolderError, claim_folder, job_id, owned_by_this_job
 from .meters import LossMeter, NonFiniteLossError
@@ -50,6 +52,7 @@ class RunState:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_good: str | None = None  # the newest checkpoint written or resumed from
+        self.corrupt: list[str] = []  # files of the rotation a resume fell back past: never kept over a good one
         self.lock = None
 
     cfg = property(lambda self: self.run.cfg)  # the run's one config
@@ -121,8 +124,12 @@ class RunState:
         if not (self.checkpoints and self.env.is_main):
             return
         last = self.path("last.pt")
-        save_checkpoint(self.state_dict(), last, self.cfg.train.keep_last)
-        self.last_good = last
+        try:
+            save_checkpoint(self.state_dict(), last, self.cfg.train.keep_last, corrupt=self.corrupt)
+        except WriteError as err:
+            raise WriteError(f"{err}; no checkpoint was changed (the newest good one: "
+                                       f"{self.last_good or 'none yet'})") from None
+        self.last_good, self.corrupt = last, []
         if improved:
             atomic_copy(last, self.path("best.pt"))
         every = self.cfg.train.save_every
@@ -177,12 +184,33 @@ class RunState:
                 raise  # the run's config builds another model: an older checkpoint would not fit either
             except CheckpointError as err:
                 skipped.append(str(err))
+                self.corrupt.append(candidate)
                 self.info(f"warning: {err}; trying the previous checkpoint")
                 continue
             if skipped:
                 self.info(f"warning: resumed from the previous good checkpoint {candidate}, not the newest")
             return candidate
-        raise CheckpointError(f"--resume auto: no usable checkpoint in {self.cfg.train.output}: {'; '.join(skipped)}")
+        others = self.usable_snapshots()
+        hint = (f"usable: {', '.join(others)}; continue from one with --resume PATH" if others else
+                "no usable best.pt or epoch_N.pt either")
+        raise CheckpointError(f"--resume auto: no usable checkpoint in the rotation of {self.cfg.train.output} "
+                              f"({'; '.join(skipped)}); {hint}")
+
+    def usable_snapshots(self) -> list[str]:
+        """best.pt and epoch_N.pt (newest first) of the run folder that a resume could use, with their progress."""
+        folder = self.cfg.train.output
+        epochs = [f for f in os.listdir(folder) if re.fullmatch(r"epoch_\d+\.pt", f)] if os.path.isdir(folder) else []
+        found = []
+        for name in ["best.pt", *sorted(epochs, key=lambda f: -int(f[6:-3]))]:
+            path = self.path(name)
+            try:
+                ckpt = load_checkpoint(path)
+                check_resumable(ckpt, path)
+                check_spec(ckpt["spec"], self.run.model.spec, path)
+            except (CheckpointError, OSError):
+                continue
+            found.append(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+        return found
 
     def load(self, path: str, same_run: bool = False) -> None:
         """Resume from ``path``: every check (checksum, entries, model, shapes) before any state changes.
@@ -191,11 +219,14 @@ class RunState:
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, path)
         check_spec(ckpt["spec"], model.spec, path)
-        changes = config_changes(ckpt.get("config") or {}, self.cfg.to_dict()) if same_run else []
-        if changes:
-            raise ModelMismatchError(f"--resume auto: {path} is another run's checkpoint ({'; '.join(changes[:4])}"
-                                     f"{'; ...' if len(changes) > 4 else ''}); give this run its own folder with "
-                                     f"--name / -o, or continue that run anyway with --resume {path}")
+        changes = config_changes(ckpt.get("config") or {}, self.cfg.to_dict())
+        listed = f"{'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''}"
+        if changes and same_run:
+            raise ModelMismatchError(f"--resume auto: {path} is another run's checkpoint ({listed}); give this run its "
+                                     f"own folder with --name / -o, or continue that run anyway with --resume {path}")
+        if changes:  # an explicit path: continue, with this run's settings, but say what differs
+            self.info(f"note: --resume {path}: this run's settings differ from the checkpoint's ({listed}); "
+                      "continuing with this run's")
         load_weights(model, ckpt["model"], path)
         try:
             amp.load_state_dict(ckpt["optim"])
