@@ -1,4 +1,5 @@
 """torchvision:<name> / timm:<name> models with hierarchical branches (ahbf.models.backbones, docs/models.md)."""
+import csv
 import math
 import sys
 
@@ -172,3 +173,34 @@ def test_train_then_export_from_the_command_line(tmp_path, capsys):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x).logits[0])
+
+
+@pytest.mark.parametrize("precision, threads", [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
+def test_readme_library_backbone_command_trains_sanely(tmp_path, capsys, precision, threads):
+    """README's tour command (torchvision:resnet18 on synthetic 32 px images), at a tiny size. At 16 px it diverged in
+    its first epoch (val loss ~1e5-1e6 in fp32, a non-finite exit in bf16): torchvision ResNets now start every
+    residual block as the identity (``zero_init_residual``), and bf16 on a CPU refuses 16 px (the next test)."""
+    old = torch.get_num_threads()
+    try:
+        code = train_main(["--arch", "torchvision:resnet18", "--dataset", "synthetic", "--epochs", "1",
+                           "--image-size", "32", "data.synthetic_samples=256", "--num-branches", "2", "--precision", precision,
+                           "--threads", str(threads), "--no-progress", "train.tensorboard=false", "-o", str(tmp_path)])
+    finally:
+        torch.set_num_threads(old)
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    val_loss = float(last["val_branch0_loss"])
+    assert math.isfinite(val_loss) and val_loss < 2 * math.log(10), last  # chance level is ln 10 = 2.3
+
+
+def test_bf16_on_cpu_refuses_strided_convolutions_on_1x1_maps(capsys, tmp_path):
+    """oneDNN's bf16 weight gradient of a stride-2 3x3 convolution on 1 x 1 inputs is garbage on an AVX512-BF16 CPU
+    (measured: relative error up to 1e37 against float64; fp32 exact): resnet18 at 16 px has such a layer
+    (layer4.0.conv1), so bf16 on a CPU refuses it in one line, and nothing is left in the run folder."""
+    out = tmp_path / "run"
+    assert train_main(["--arch", "torchvision:resnet18", "--dataset", "synthetic", "--precision", "bf16", "--device",
+                       "cpu", "--epochs", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "torchvision:resnet18 at 16 px: branches.0.net.layer4.0.conv1 and 3 more" in err and "--precision fp32" in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())

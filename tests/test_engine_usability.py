@@ -373,3 +373,14 @@ def test_the_prediction_example_in_the_docs_runs_on_an_exported_model(runs_dir, 
     with torch.no_grad():
         expected = model(ns["x"]).logits[0].argmax(1)
     assert printed == str(expected)
+
+
+def test_a_failed_run_does_not_repoint_latest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train_main([*TINY, "--no-progress", "--name", "good"]) == 0
+    assert os.readlink("runs/latest") == "good"
+    assert train_main([*TINY, "--no-progress", "--name", "diverged", "--lr", "1e30"]) == 3  # non-finite loss
+    assert "non-finite" in capsys.readouterr().err
+    assert os.readlink("runs/latest") == "good"
+    assert train_main([*TINY, "--no-progress", "--name", "good2"]) == 0
+    assert os.readlink("runs/latest") == "good2"

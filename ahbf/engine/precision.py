@@ -44,6 +44,33 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def check_cpu_bf16_convs(model: nn.Module, image_size: int, device: torch.device, precision: str, arch: str) -> None:
+    """``ConfigError`` when bf16 on a CPU would train a strided, padded convolution on 1 x 1 feature maps: oneDNN
+    (torch 2.14.1, AVX512-BF16 AMD EPYC) returns garbage in that layer's weight gradient (relative errors up to
+    1e37 against float64, measured; fp32 and 2 x 2 maps are exact), so the run diverges or trains on noise.
+    An ImageNet ResNet on 16 px images has such layers (layer4's first conv). One eval-mode forward of one image."""
+    if device.type != "cpu" or precision != "bf16" or not image_size:
+        return
+    hit: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: hit.append(name) if args[0].shape[-2:] == (1, 1)
+                                         else None)
+             for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and max(m.kernel_size) > 1 and max(m.padding) > 0]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    if hit:
+        more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+        raise ConfigError(f"{arch} at {image_size} px: {hit[0]}{more} is a strided convolution on 1x1 feature maps, "
+                          "whose bf16 weight gradient is wrong on CPUs (oneDNN); use a larger --image-size (e.g. "
+                          f"{4 * image_size}) or --precision fp32")
+
+
 class AmpStepper:
     """``autocast()`` for the forward; ``step(loss)`` = scale, backward, unscale + clip (if on), optimiser
     step, scaler update, zero_grad. No host sync: the gradient norm stays a device tensor."""

@@ -28,7 +28,7 @@ from .compile import compile_model
 from .config import ConfigError, RunConfig
 from .distributed import DistEnv, convert_sync_batchnorm, set_threads
 from .optim import build_optimizer
-from .precision import AmpStepper, param_dtype
+from .precision import AmpStepper, check_cpu_bf16_convs, param_dtype
 from .resolve import peak_lr, record_built, resolve
 from .schedules import LRSchedule
 from .task import OKDTask, make_graph
@@ -126,6 +126,7 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     random.seed(t.seed)
     model = create_model(m.arch, m.method, data.num_classes, m.num_branches, m.aux, split=m.split)
     model = model.to(env.device, param_dtype(t.precision))
+    check_cpu_bf16_convs(model, data.image_size, env.device, t.precision, m.arch)
     if t.sync_bn and env.distributed:
         convert_sync_batchnorm(model)
     if t.channels_last:

@@ -90,23 +90,48 @@ def discard_if_empty(path: str) -> None:
         pass
 
 
-def link_latest(output: str) -> None:
-    """Point ``<parent of output>/latest`` at ``output`` (relative link); silently nothing where links are impossible."""
+def link_latest(output: str) -> str | None:
+    """Point ``<parent of output>/latest`` at ``output`` (relative link); silently nothing where links are impossible.
+    Returns what the link pointed at before ("" for no link; None: not linked), for ``restore_latest``."""
     parent, name = os.path.split(os.path.normpath(output))
     if not name or name == "latest":
-        return
+        return None
     link = os.path.join(parent, "latest")
+    if os.path.lexists(link) and not os.path.islink(link):
+        return None  # a real file or folder named latest: leave it alone
+    previous = os.readlink(link) if os.path.islink(link) else ""
+    return previous if _point(link, name) else None
+
+
+def restore_latest(output: str, previous: str | None) -> None:
+    """A run that failed does not stay ``runs/latest``: the link points back at ``previous`` (or is removed)."""
+    if previous is None:
+        return
+    parent, name = os.path.split(os.path.normpath(output))
+    link = os.path.join(parent, "latest")
+    if not (os.path.islink(link) and os.readlink(link) == name):
+        return  # another run has taken the link since
+    if previous:
+        _point(link, previous)
+    else:
+        try:
+            os.unlink(link)
+        except OSError:
+            pass
+
+
+def _point(link: str, target: str) -> bool:
     tmp = f"{link}.tmp{os.getpid()}"
     try:
-        if os.path.lexists(link) and not os.path.islink(link):
-            return  # a real file or folder named latest: leave it alone
-        os.symlink(name, tmp)
+        os.symlink(target, tmp)
         os.replace(tmp, link)
+        return True
     except OSError:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        return False
 
 
 def continued_run(path: str) -> tuple[str, str, str]:

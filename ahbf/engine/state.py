@@ -25,7 +25,7 @@ from .durable import WriteError, atomic_copy
 from .distributed import DistEnv, all_gather, any_rank
 from .fault import RunFolderError, claim_folder, job_id, owned_by_this_job
 from .meters import LossMeter, NonFiniteLossError
-from .rundir import link_latest
+from .rundir import link_latest, restore_latest
 
 if TYPE_CHECKING:
     from .run import Run
@@ -52,6 +52,7 @@ class RunState:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_good: str | None = None  # the newest checkpoint written or resumed from
+        self.previous_latest: str | None = None  # what runs/latest pointed at before this run (None: untouched)
         self.corrupt: list[str] = []  # files of the rotation a resume fell back past: never kept over a good one
         self.lock = None
 
@@ -87,7 +88,12 @@ class RunState:
             with open(self.path("config.yaml"), "w") as f:
                 f.write(self.cfg.to_yaml())
             if link:
-                link_latest(self.cfg.train.output)
+                self.previous_latest = link_latest(self.cfg.train.output)
+
+    def undo_latest(self) -> None:
+        """A run that failed does not stay ``runs/latest`` (rank 0; ``write_config`` linked it)."""
+        if self.env.is_main:
+            restore_latest(self.cfg.train.output, self.previous_latest)
 
     def release(self) -> None:
         if self.lock is not None:

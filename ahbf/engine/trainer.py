@@ -89,9 +89,14 @@ class Trainer:
                 epochs.set_postfix_str(epoch_line(row, t.epochs, short=True))
             epochs.close()
             return self.finish(time.perf_counter() - start)
-        except NonFiniteLossError as err:
-            good = self.state.last_good or "none (nothing was written)"
-            raise NonFiniteLossError(f"{err}; no checkpoint holds non-finite values; last good checkpoint: {good}") from None
+        except BaseException as err:
+            if not isinstance(err, Preempted):  # a preempted run continues later; a failed one is not runs/latest
+                self.state.undo_latest()
+            if isinstance(err, NonFiniteLossError):
+                good = self.state.last_good or "none (nothing was written)"
+                raise NonFiniteLossError(f"{err}; no checkpoint holds non-finite values; last good checkpoint: "
+                                         f"{good}") from None
+            raise
         finally:
             self.close()
             self.log.close()
