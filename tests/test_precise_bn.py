@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ahbf.engine.checkpoint import load_checkpoint
-from ahbf.engine.precise_bn import batch_stats_top1, batchnorms, hint, update_bn_stats, write_bn_stats
+from ahbf.engine.precise_bn import batch_stats_top1, batchnorms, hint, update_bn_stats
 
 
 def net() -> nn.Module:
@@ -74,20 +74,6 @@ def test_hint_only_when_batch_statistics_are_far_better():
     assert hint(eval_top1=80.0, batch_top1=85.0) == ""
 
 
-def test_write_bn_stats_keeps_the_checkpoint_loadable(tmp_path):
-    from ahbf.engine.checkpoint import checksum
-    from ahbf.engine.durable import atomic_save
-
-    model = net()
-    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "spec": {"arch": "x"}, "step": 3}
-    atomic_save({**state, "checksum": checksum(state)}, str(tmp_path / "c.pt"))
-    update_bn_stats(model, iter(stream()), 10)
-    write_bn_stats(model, str(tmp_path / "c.pt"))
-    ckpt = load_checkpoint(str(tmp_path / "c.pt"))  # checks the checksum
-    assert torch.equal(ckpt["model"]["1.running_var"], model[1].running_var) and ckpt["step"] == 3
-    assert torch.equal(ckpt["model"]["0.weight"], model[0].weight)
-
-
 def test_train_with_precise_bn(tmp_path, capsys):
     from ahbf.engine.cli import train_main
 
@@ -110,3 +96,29 @@ def test_negative_precise_bn_is_refused(value, capsys):
 
     assert train_main(["--precise-bn", value, "--epochs", "1"]) == 2
     assert "train.precise_bn" in capsys.readouterr().err
+
+
+def test_precise_bn_chooses_best_pt_with_the_statistics_it_holds(tmp_path, capsys):
+    """Issue 23: with precise BN the val top-1 that chooses best.pt is measured after the re-estimate, so the chosen
+    epoch's recorded val top-1 is exactly what ``ahbf-eval best.pt --split val`` reports, and every epoch's
+    checkpoint holds re-estimated statistics (a 2-epoch run chose epoch 1 on stale statistics before)."""
+    import json
+
+    from ahbf.engine.cli import eval_main, train_main
+
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "data.synthetic_samples=96", "--image-size", "8", "--arch", "resnet8", "-b",
+            "8", "--epochs", "2", "--precision", "fp32", "--objective-backend", "eager", "--no-progress",
+            "train.tensorboard=false", "--threads", "1", "--device", "cpu", "--precise-bn", "4", "-o", str(out),
+            "train.save_every=1"]
+    assert train_main(args) == 0
+    assert "after every epoch, before val chooses best.pt" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    best = results["best"]
+    assert eval_main([str(out / "best.pt"), "--split", "val", "--json", str(tmp_path / "val.json")]) == 0
+    assert json.loads((tmp_path / "val.json").read_text())["nodes"]["branch0"]["top1"] == best["val_top1"]
+    for epoch in (1, 2):  # each epoch's checkpoint: the statistics of its own weights on its next epoch's batches
+        ckpt = load_checkpoint(str(out / f"epoch_{epoch}.pt"))
+        history = ckpt["history"][-1]
+        assert eval_main([str(out / f"epoch_{epoch}.pt"), "--split", "val", "--json", str(tmp_path / "e.json")]) == 0
+        assert json.loads((tmp_path / "e.json").read_text())["nodes"]["branch0"]["top1"] == history["val_branch0_top1"]

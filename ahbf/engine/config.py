@@ -140,7 +140,7 @@ class TrainConfig:
     checkpoint_every: str = "30m"
     """also write last.pt within an epoch every N steps ('500') or minutes ('30m'); off (or 0) = at epoch ends only"""
     precise_bn: int = 0
-    """precise BatchNorm: before the final evaluation, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; averaged over ranks); 0 = off. Short runs' running statistics lag the weights"""
+    """precise BatchNorm: after every epoch, before val chooses best.pt, set every BatchNorm's running mean / var to the exact statistics of N training batches (train mode, no grad; summed over ranks); 0 = off. Short runs' running statistics lag the weights"""
     stop_poll_every: int = 1
     """steps between the ranks' agreements on a stop signal / a timed checkpoint (one CPU all-reduce under DDP); a step-interval checkpoint is always agreed at its step; 1 = every step"""
     keep_last: int = 2

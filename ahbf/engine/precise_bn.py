@@ -1,4 +1,4 @@
-"""Precise BatchNorm: re-estimate every BatchNorm's running statistics after training (``train.precise_bn=N``).
+"""Precise BatchNorm: re-estimate every BatchNorm's running statistics after each epoch (``train.precise_bn=N``).
 
 A short run is all warm-up: the weights move fast until the end, and BatchNorm's running averages (momentum 0.1)
 trail them, so eval-mode accuracy can sit near chance while the same weights with batch statistics are good
@@ -6,22 +6,20 @@ trail them, so eval-mode accuracy can sit near chance while the same weights wit
 gradients, and sets each BatchNorm's ``running_mean`` / ``running_var`` to the exact mean and (unbiased)
 variance of all the inputs that BatchNorm saw, accumulated in float64 (cumulative, like fvcore's
 ``update_bn_stats`` with momentum None, but with the between-batch part of the variance included). Under DDP
-the sums are all-reduced, so every rank gets the statistics of all ranks' batches.
+the sums are all-reduced, so every rank gets the statistics of all ranks' batches. ``reestimate`` does it after
+every epoch, before the val evaluation, so the val top-1 that chooses best.pt is measured with the statistics
+that the checkpoints hold and the final table uses (the cost: N forward batches per epoch, no backward).
 ``batch_stats_top1`` is the check behind the hint to use it: top-1 with batch statistics, running stats untouched.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from .checkpoint import checksum, load_checkpoint
-from .durable import atomic_save
 
 
 def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -119,19 +117,6 @@ def batch_stats_top1(model: nn.Module, predict: Callable[[Tensor], list[Tensor]]
     return 100.0 * correct / max(total, 1)
 
 
-def write_bn_stats(model: nn.Module, path: str) -> None:
-    """Replace the BatchNorm buffers of checkpoint ``path`` by ``model``'s (checksum recomputed, atomic)."""
-    ckpt = load_checkpoint(path)
-    state = model.state_dict()
-    for name in batchnorms(model):
-        for buf in ("running_mean", "running_var"):
-            key = f"{name}.{buf}" if name else buf
-            ckpt["model"][key] = state[key].detach().to("cpu", copy=True)
-    ckpt.pop("checksum", None)
-    ckpt["checksum"] = checksum(ckpt)
-    atomic_save(ckpt, path)
-
-
 HINT_GAP = 20.0  # points of top-1 between batch statistics and running statistics that make the run say so
 
 
@@ -143,32 +128,28 @@ def hint(eval_top1: float, batch_top1: float) -> str:
             "running statistics, which lag the weights in a short run; re-estimate them with --precise-bn 20")
 
 
-def at_end(trainer, *checkpoints: str) -> None:
-    """The trainer's end of run, on the weights it is about to evaluate: with ``train.precise_bn=N``, re-estimate
-    the BatchNorm statistics on N training batches (every rank) and write them into ``checkpoints`` of the run
-    folder (rank 0), so ``ahbf-eval`` / ``ahbf-export`` see them too; with it off, the stale-statistics hint
-    (single process, a val split and its last row needed)."""
+def reestimate(model: nn.Module, loader, epoch: int, num_batches: int, autocast: Callable[[], object],
+               device: torch.device) -> int:
+    """``train.precise_bn=N`` after every epoch, before its val evaluation: the running statistics of the weights
+    just trained, from the first N batches of epoch ``epoch``'s training order (every rank, summed over ranks), so
+    that the val top-1 that chooses best.pt, the checkpoints and the final table all use them. Under the
+    training autocast; the RNG is forked (a model with dropout trains as it would without this)."""
     from .distributed import all_reduce
 
-    t, model, loader = trainer.cfg.train, trainer.model, trainer.data.train
-    if t.precise_bn:
-        loader.set_epoch(trainer.epoch, 0)
-        def forward(x):
-            with trainer.task.autocast():  # the precision of training and evaluation
-                model(x)
+    loader.set_epoch(epoch, 0)
 
-        used = update_bn_stats(model, loader, t.precise_bn, forward, reduce=all_reduce)
-        trainer.log.info(f"precise BN: running statistics of {len(batchnorms(model))} BatchNorm layers set from "
-                         f"{used} training batches{f' x {trainer.env.world_size} ranks' if trainer.env.distributed else ''}"
-                         f" ({', '.join(checkpoints) or 'weights'})")
-        for name in checkpoints if trainer.env.is_main else ():
-            if os.path.isfile(trainer.state.path(name)):
-                write_bn_stats(model, trainer.state.path(name))
-        return
+    def forward(x):
+        with autocast():
+            model(x)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return update_bn_stats(model, loader, num_batches, forward, reduce=all_reduce)
+
+
+def stale_stats_note(model: nn.Module, predict: Callable[[Tensor], list[Tensor]], val, history: list[dict]) -> str:
+    """Without precise BN, at the end of a single-process run with a val split: the hint line when the last
+    epoch's val top-1 with running statistics is far below the same weights' with batch statistics; else ''."""
     key = "val_branch0_top1"
-    if not checkpoints or "last.pt" not in checkpoints or trainer.env.distributed or trainer.data.val is None \
-            or not trainer.history or key not in trainer.history[-1]:
-        return
-    note = hint(trainer.history[-1][key], batch_stats_top1(model, trainer.task.predict, trainer.data.val))
-    if note:
-        trainer.log.info(note)
+    if val is None or not history or key not in history[-1]:
+        return ""
+    return hint(history[-1][key], batch_stats_top1(model, predict, val))

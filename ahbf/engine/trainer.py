@@ -81,6 +81,8 @@ class Trainer:
         try:
             for epoch in epochs:
                 row = self.train_epoch(epoch)
+                if t.precise_bn:
+                    self.precise_bn(first=epoch == self.first_epoch)
                 if d.val is not None:
                     row.update(self._prefixed("val", self.evaluate(d.val)))
                 for probe in self.probes:
@@ -144,6 +146,16 @@ class Trainer:
                 "epoch_s": seconds, "data_wait": progress.wait / max(seconds, 1e-9),
                 **({} if compile_s is None else {"compile_s": compile_s})}
 
+    def precise_bn(self, first: bool) -> None:
+        """``train.precise_bn=N``: the running statistics of the weights just trained, before val chooses best.pt."""
+        n = self.cfg.train.precise_bn
+        used = precise_bn.reestimate(self.model, self.data.train, self.epoch, n, self.task.autocast, self.env.device)
+        if first:
+            ranks = f" x {self.env.world_size} ranks" if self.env.distributed else ""
+            self.log.info(f"precise BN: running statistics of {len(precise_bn.batchnorms(self.model))} BatchNorm "
+                          f"layers set from {used} training batches{ranks} after every epoch, before val chooses "
+                          "best.pt")
+
     def train_step(self, x, y) -> None:
         terms = self.run.train_step(x, y)
         self.state.step += 1
@@ -192,14 +204,16 @@ class Trainer:
         """Test-set table of the best (val-chosen) weights, a line for the last weights, curves.png."""
         best = self.best
         last_is_best = best is not None and best["epoch"] == self.epoch
-        precise_bn.at_end(self, "last.pt", *(["best.pt"] if last_is_best else []))
+        if not (self.cfg.train.precise_bn or self.env.distributed):
+            note = precise_bn.stale_stats_note(self.model, self.task.predict, self.data.val, self.history)
+            if note:
+                self.log.info(note)
         last = self.evaluate(self.data.test)
         chosen, results = "last", last
         if last_is_best:
             chosen = "best"  # the last epoch is the best one
         elif best is not None and self.state.best_state is not None:
             self.model.load_state_dict(self.state.best_state)
-            precise_bn.at_end(self, "best.pt")
             chosen, results = "best", self.evaluate(self.data.test)
         elif best is not None:
             self.log.info(f"best.pt of epoch {best['epoch']} not found; reporting the last weights")
