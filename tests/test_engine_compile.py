@@ -16,9 +16,10 @@ from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.schedules import scaled_lr
 from ahbf.engine.resolve import peak_lr, resolve_objective, resolve_values
-from ahbf.engine.task import OKDTask, make_graph
+from ahbf.engine.task import OKDTask
 from ahbf.engine.run import build_run, wrap_model
 from ahbf.engine.trainer import Trainer
+from ahbf.methods import build_graph
 from ahbf.models import create_model
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
@@ -32,7 +33,7 @@ def train_losses(compile: str, steps: int = 3) -> tuple[list[float], dict[str, t
     objective = resolve_objective(cfg.objective, "ahbf")
     amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), CPU.device, "fp32")
     train_fwd, _ = wrap_model(model, CPU, compile)
-    task = OKDTask(train_fwd, make_graph("ahbf", 2, objective), objective, amp.autocast)
+    task = OKDTask(train_fwd, build_graph("ahbf", 2, objective), objective, amp.autocast)
     task.set_epoch(10)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)

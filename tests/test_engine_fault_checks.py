@@ -13,8 +13,8 @@ from ahbf.engine.checkpoint import (CheckpointError, check_resumable, load_check
 from ahbf.engine.checks import parse_interval
 from ahbf.engine.config import ConfigError, build_config
 from ahbf.engine.resolve import resolve_model, resolve_objective
-from ahbf.kernels import build_graph
 from ahbf.kernels.okd import okd_loss
+from ahbf.methods import build_graph
 from ahbf.models import create_model
 from ahbf.pipelines.memory import DeviceTensorLoader
 from ahbf.pipelines.torch_folder import EpochSampler

@@ -34,7 +34,7 @@ class ModelConfig:
     arch: str = "resnet8"
     """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet*, mobilenetv2_x0_5, or a library model torchvision:<name> / timm:<name> (docs/models.md)"""
     method: str = "ahbf"
-    """online-KD method (the records of ahbf/methods.py, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
+    """online-KD method (the records of ahbf/methods/, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"

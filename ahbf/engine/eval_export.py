@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..evaluation import evaluate, format_table
+from ..methods import build_graph
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data
 from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
@@ -16,7 +17,7 @@ from .config import config_from_dict, set_value
 from .distributed import resolve_device
 from .precision import AmpStepper, resolve_precision
 from .resolve import resolve_objective
-from .task import OKDTask, make_graph
+from .task import OKDTask
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
@@ -61,7 +62,7 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     precision = resolve_precision(cfg.train.precision, device)
     amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
     objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
-    task = OKDTask(model, make_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
+    task = OKDTask(model, build_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "
                                 f"split, {precision}"))

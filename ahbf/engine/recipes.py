@@ -4,7 +4,7 @@
 one with a top-level ``recipe: X`` key (``configs/*.yaml`` are such small overlays). The built-in
 defaults are the digits demo (16 px, cosine schedule with warm-up, 30 epochs); a recipe keeps them
 from leaking into a real data set. Method-dependent values (kd_weight, ramp, rampup, detach_teacher,
-aux) stay ``auto`` and resolve per method (``ahbf/methods.py``; the rampup as the method's fraction of
+aux) stay ``auto`` and resolve per method (``ahbf/methods/``; the rampup as the method's fraction of
 ``train.epochs``: AHBF's 240 of 300 and 72 of 90).
 """
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..methods import build_graph, get_method
 from ..models import create_model
 from ..pipelines import DataBundle, build_data
 from .compile import compile_model
@@ -31,7 +32,7 @@ from .optim import build_optimizer
 from .precision import AmpStepper
 from .resolve import peak_lr, record_built, resolve
 from .schedules import LRSchedule
-from .task import OKDTask, make_graph
+from .task import OKDTask
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -117,7 +118,8 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     amp = AmpStepper(optimizer, model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
     notes: list[str] = []
     train_fwd, eval_fwd = wrap_model(model, env, t.compile, t.compile_mode, notes.append)
-    task = OKDTask(train_fwd, make_graph(m.method, m.num_branches, cfg.objective), cfg.objective, amp.autocast,
-                   eval_model=eval_fwd)
-    cfg = record_built(cfg, data, optimizer, env)  # config.yaml: what actually runs, no 'auto'
+    method = get_method(m.method)
+    graph = build_graph(method, m.num_branches, cfg.objective)
+    task = OKDTask(train_fwd, graph, cfg.objective, amp.autocast, eval_model=eval_fwd, method=method)
+    cfg = record_built(cfg, data, optimizer, env, graph)  # config.yaml: what actually runs, no 'auto'
     return Run(cfg, env, data, model, amp, task, schedule, notes, link_latest)

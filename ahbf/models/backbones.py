@@ -25,9 +25,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from .branched import BranchedNet, assemble
-from .fusion import AHBFFusion
-from .peers import EnsembleHead, PeerAttention
+from ..methods import Body, Part
+from .branched import MultiBranchNet
 from .resnet import init_weights
 
 LIBRARIES = ("torchvision", "timm")
@@ -238,9 +237,10 @@ def deeper_stages(arch: str, split: str) -> list[str]:
     return [s for s in p.stages[p.stages.index(split):] if s in p.repeatable]
 
 
-def default_aux(arch: str, method: str, split: str | None = None) -> int:
-    """AHBF: 2 (SPEC 2's ImageNet default) where the branch has a repeatable stage, else 0; 0 for other methods."""
-    return DEFAULT_AUX if method == "ahbf" and deeper_stages(arch, resolve_split(arch, split)) else 0
+def default_aux(arch: str, split: str | None = None) -> int:
+    """The depth step of branches of increasing depth: 2 (SPEC 2's ImageNet default) where the branch has a
+    repeatable stage, else 0."""
+    return DEFAULT_AUX if deeper_stages(arch, resolve_split(arch, split)) else 0
 
 
 def extra_blocks(i: int, aux: int, stages: list[str]) -> dict[str, int]:
@@ -272,18 +272,18 @@ class LibraryTrunk(nn.Module):
 class LibraryBranch(nn.Module):
     """The library model from the split on (earlier modules are ``nn.Identity``); returns (features, logits)."""
 
-    def __init__(self, net: nn.Module, features: Callable, head: Callable):
+    def __init__(self, net: nn.Module, features: Callable, head: Callable, out_channels: int):
         super().__init__()
-        self.net, self.features, self.head = net, features, head
+        self.net, self.features, self.head, self.out_channels = net, features, head, out_channels
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(self.net, h)
         return f, self.head(self.net, f)
 
 
-def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int, method: str,
-                 split: str | None = None) -> BranchedNet:
-    """Trunk + ``num_branches`` branches of a library model, with the fusion parts of ``method``."""
+def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None, split: str | None = None) -> MultiBranchNet:
+    """Trunk + ``num_branches`` branches of a library model + the method's parts (ResNet-initialised)."""
     p = plan(arch)
     split = resolve_split(arch, split)
     deeper = deeper_stages(arch, split)
@@ -302,15 +302,8 @@ def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int, metho
             for s, n in counts.items():
                 if n > d:
                     stage_blocks(net.get_submodule(s)).append(stage_blocks(donor.get_submodule(s))[-1])
-        branches.append(LibraryBranch(net, features, head))
-    c = p.feature_channels
-    model = assemble(LibraryTrunk(trunk_net, features, p.in_channels[split]), branches, method,
-                     lambda k: AHBFFusion(c))
-    if method == "okddip":
-        model.attention = PeerAttention(c)
-    elif method == "pcl":
-        model.head = EnsembleHead(c, num_branches, num_classes)
-    for part in (model.fusions, model.gate):
-        if part is not None:
-            init_weights(part)  # as MultiBranchNet's fusion parts
+        branches.append(LibraryBranch(net, features, head, p.feature_channels))
+    model = MultiBranchNet(LibraryTrunk(trunk_net, features, p.in_channels[split]), branches, num_classes, parts)
+    for part in model.method_parts():
+        init_weights(part)  # as the ResNets' parts
     return model
