@@ -77,11 +77,13 @@ def test_branches_without_compile_units_falls_back_to_model():
     assert "compiling the whole model" in notes[0]
 
 
-@pytest.mark.parametrize("text, expected", [("true", "model"), ("false", "off"), ("branches", "branches")])
-def test_old_boolean_compile_still_reads(tmp_path, text, expected):
+def test_compile_values_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(f"train:\n  compile: {text}\n")
-    assert build_config([str(path)]).train.compile == expected
+    path.write_text("train:\n  compile: branches\n")
+    assert build_config([str(path)]).train.compile == "branches"
+    path.write_text("train:\n  compile: true\n")  # the old boolean: one line naming the values
+    with pytest.raises(ConfigError, match="train.compile: unknown value 'true'; choose from off, model, branches"):
+        build_config([str(path)])
     assert parse_train_args(["--compile"]).train.compile == "model"
     assert parse_train_args(["--no-compile"]).train.compile == "off"
     cfg = parse_train_args(["--compile", "objective.T=4", "--compile-mode", "max-autotune"])  # not swallowed

@@ -47,11 +47,12 @@ def test_every_value_is_range_checked(key, value, message):
         build_config(overrides=[(key, value)])
 
 
-def test_auto_is_spelled_auto_and_old_minus_one_still_reads():
-    for value in ("auto", -1):
-        cfg = build_config(overrides=[("model.aux", value), ("objective.kd_weight", value)])
-        assert cfg.model.aux == "auto" and cfg.objective.kd_weight == "auto"
-        assert resolve_model(cfg.model).aux == 4 and resolve_objective(cfg.objective, "ahbf").kd_weight == 1.5
+def test_auto_is_spelled_auto_and_the_old_minus_one_is_refused():
+    cfg = build_config(overrides=[("model.aux", "auto"), ("objective.kd_weight", "auto")])
+    assert cfg.model.aux == "auto" and cfg.objective.kd_weight == "auto"
+    assert resolve_model(cfg.model).aux == 4 and resolve_objective(cfg.objective, "ahbf").kd_weight == 1.5
+    with pytest.raises(ConfigError, match=r"model.aux must be in \[0, 64\], got -1"):
+        build_config(overrides=[("model.aux", -1)])
     cfg = build_config(overrides=[("model.aux", 2), ("objective.kd_weight", "0.5")])
     assert cfg.model.aux == 2 and cfg.objective.kd_weight == 0.5
     assert parse_interval("500") == ("steps", 500) and parse_interval("30m") == ("minutes", 30)

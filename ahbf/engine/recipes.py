@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .checks import ConfigError
+
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 NAMES = tuple(sorted(f[:-5] for f in os.listdir(FOLDER) if f.endswith(".yaml")))
 
@@ -27,8 +29,6 @@ def _load(name: str) -> str:
 
 def recipe_values(name: str, source: str = "config") -> dict[str, dict[str, Any]]:
     """The values of recipe ``name`` (a fresh copy); a one-line error naming the known recipes otherwise."""
-    from .config import ConfigError
-
     if name not in NAMES:
         raise ConfigError(f"{source}: unknown recipe {name!r}; choose from {', '.join(NAMES)}")
     return yaml.safe_load(_load(name))
