@@ -104,9 +104,9 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
                                   ("train.progress", False), ("train.tensorboard", False), ("optim.lr_base_batch", 18),
                                   ("train.threads", 1)])
     trainer = Trainer(build_run(cfg, CPU))
-    assert trainer.peak_lr == pytest.approx(0.1 * 9 / 18)
+    assert trainer.schedule.lr == pytest.approx(0.1 * 9 / 18)  # the peak lr: resolve.peak_lr, held by the schedule
     # one lr path: scaled peak -> schedule -> optimiser (its first lr is the schedule's first step's)
-    assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.peak_lr
+    assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.schedule.lr
     trainer.fit()
     first, second = trainer.history
     assert first["compile_s"] > 0 and "compile_s" not in second

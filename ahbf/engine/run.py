@@ -70,10 +70,6 @@ class Run:
     link_latest: bool = False
     """the folder was named (--name) or chosen automatically: ``runs/latest`` points at it"""
 
-    @property
-    def peak_lr(self) -> float:
-        return self.schedule.lr
-
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors)."""
         terms = self.task(x, y)
