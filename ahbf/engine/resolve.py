@@ -1,4 +1,5 @@
-"""Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran (no ``auto`` left).
+"""Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran: no ``auto`` is left but
+a given ``train.resume: auto``, which ``RunState.resume`` decides when it claims the folder.
 
 Two phases: ``resolve`` (``build_run``, or the CLI before ``build_resolved``) and ``record_built`` (``build_resolved``):
 

@@ -1,6 +1,6 @@
 """``build_run``: a config -> everything one training run uses, built in a fixed order.
 
-config --resolve--> (no ``auto`` left; a new, frozen config) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
+config --resolve--> (no ``auto`` left but ``train.resume``; a new, frozen config) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
 task (forward + objective) --record_built--> the config that ``config.yaml`` records.
 
 The learning rate has one path: ``resolve.peak_lr`` (``optim.lr``, linearly scaled if
