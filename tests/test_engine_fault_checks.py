@@ -177,16 +177,6 @@ def test_export_of_a_checkpoint_with_reshaped_weights_is_one_line(tmp_path):
         run_export(str(tmp_path / "last.pt"))
 
 
-def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
-    from ahbf.engine.eval_export import run_eval
-
-    _, state = small_state()
-    state["model"]["branches.0.fc.bias"] = torch.full((10,), float("nan"))
-    save_checkpoint(state, str(tmp_path / "best.pt"))  # as an older version could write it
-    with pytest.raises(CheckpointError, match="holds non-finite weights .1 tensors, e.g. branches.0.fc.bias"):
-        run_eval(str(tmp_path / "best.pt"))
-
-
 def test_non_finite_names_every_bad_tensor_in_order_with_one_blocking_copy():
     """The same function checks CUDA states (one blocking copy per device; a non_blocking one could be read unfilled)."""
     state = {"model": {"w": torch.ones(3), "v": torch.tensor([float("nan")], dtype=torch.bfloat16)},

@@ -11,7 +11,7 @@ from ..evaluation import evaluate, format_table
 from ..methods import build_graph
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data
-from .checkpoint import CheckpointError, atomic_save, check_spec, describe, load_checkpoint, load_weights, non_finite
+from .checkpoint import atomic_save, check_spec, describe, load_checkpoint, load_weights
 from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device
@@ -37,9 +37,6 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     if split not in ("test", "val"):
         raise ValueError(f"split must be test or val, got {split!r}")
     ckpt = load_checkpoint(path)
-    bad = non_finite(ckpt["model"])
-    if bad:  # written by an older version (this one never writes them)
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     cfg = config_from_dict(ckpt["config"])
     # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
     # no up-front scan of every image (for ImageNet: 1.28M training files to evaluate 50k); a bad image is
