@@ -40,13 +40,14 @@ def step_setup(batch: int, image_size: int):
 
     from ahbf.engine.config import ObjectiveConfig
     from ahbf.engine.resolve import resolve_objective
-    from ahbf.engine.task import OKDTask, make_graph
+    from ahbf.engine.task import OKDTask
+    from ahbf.methods import build_graph
     from ahbf.models import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet8", "ahbf", 10, 4, 4)
     cfg = resolve_objective(ObjectiveConfig(backend="eager"), "ahbf")
-    task = OKDTask(DistributedDataParallel(model), make_graph("ahbf", 4, cfg), cfg)
+    task = OKDTask(DistributedDataParallel(model), build_graph("ahbf", 4, cfg), cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, image_size, image_size), torch.randint(0, 10, (batch,))
 

@@ -28,7 +28,10 @@ if "--interpret" in sys.argv[1:] and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lazily, by the op)
 
 
-from ahbf.kernels import ahbf_graph, dml_graph, okd_loss, okd_objective_reference, one_graph  # noqa: E402
+from ahbf.kernels import okd_loss, okd_objective_reference  # noqa: E402
+from ahbf.methods.ahbf import ahbf_graph  # noqa: E402
+from ahbf.methods.dml import dml_graph  # noqa: E402
+from ahbf.methods.one import one_graph  # noqa: E402
 
 LIMITS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # gradients; loss terms: 1e-5
 

@@ -50,7 +50,8 @@ import gpu_check  # noqa: E402
 import objective_table  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
-from ahbf.kernels import ahbf_graph, triton_okd  # noqa: E402
+from ahbf.kernels import triton_okd  # noqa: E402
+from ahbf.methods.ahbf import ahbf_graph  # noqa: E402
 
 VARIANT_CASE = (256, 1000)  # B, K of the kernel-variant section (the acceptance case)
 

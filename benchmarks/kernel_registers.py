@@ -27,9 +27,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ahbf.kernels import build_graph  # noqa: E402
 from ahbf.kernels import triton_okd  # noqa: E402
 from ahbf.kernels.encoding import encode  # noqa: E402
+from ahbf.methods import build_graph  # noqa: E402
 
 # (label, tile elements NP x BK, num_warps, rows per program); the first is the default launch_config
 VARIANTS = [("default", None, None, 1), ("tile 4096, 8 warps", 4096, 8, 1), ("tile 4096, 4 warps", 4096, 4, 1),

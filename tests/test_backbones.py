@@ -120,9 +120,29 @@ def test_split_points_and_errors_are_one_line():
         create_model("timm:vit_tiny_patch16_224", "ahbf", K)
     with pytest.raises(ValueError, match=r"torchvision:densenet121 \(DenseNet\) is not supported"):
         create_model("torchvision:densenet121", "ahbf", K)
-    with pytest.raises(ValueError, match="aux must be 0 for torchvision:mobilenet_v3_small split at features.9"):
-        create_model("torchvision:mobilenet_v3_small", "ahbf", K, aux=1)
-    assert resolve_model(build_config(overrides=[("model.arch", "torchvision:mobilenet_v3_small")]).model).aux == 0
+    with pytest.raises(ValueError, match="aux must be 0 for timm:regnety_002 split at s4"):
+        create_model("timm:regnety_002", "ahbf", K, aux=1)  # its stages after the split have no repeatable block
+    assert resolve_model(build_config(overrides=[("model.arch", "timm:regnety_002")]).model).aux == 0
+
+
+@pytest.mark.parametrize("arch,split,deeper", [("torchvision:mobilenet_v2", "features.14", ("features.15", "features.16")),
+                                               ("torchvision:mobilenet_v3_small", "features.9", ("features.10", "features.11"))])
+def test_torchvision_mobilenets_get_branches_of_increasing_depth(arch, split, deeper):
+    """SPEC 2's core rule: their stages after the split are single inverted-residual blocks, which a deeper
+    branch repeats (as timm's mobilenetv3, whose stages are sequences); aux = auto is 2, as for the ResNets."""
+    cfg = build_config(overrides=[("model.arch", arch)])
+    assert resolve_model(cfg.model).aux == 2 and resolve_model(cfg.model).split == split
+    torch.manual_seed(0)
+    model = create_model(arch, "ahbf", K, num_branches=3)
+    blocks = [[len(b.net.get_submodule(s)) if isinstance(b.net.get_submodule(s), torch.nn.Sequential) else 1
+               for s in deeper] for b in model.branches]
+    assert blocks == [[1, 1], [3, 1], [3, 3]]  # level l adds aux = 2 blocks to stage (l - 1) mod 2
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in b.modules()) for b in model.branches]
+    assert convs[0] < convs[1] < convs[2]
+    out = model.train()(torch.randn(B, 3, PX, PX))
+    assert [tuple(z.shape) for z in out.logits] == [(B, K)] * 3 and len(out.scores) == 2
+    library = build_library(arch, K)  # branch 0 is still the plain model: export loads strictly
+    library.load_state_dict(target_state_dict(model), strict=True)
 
 
 def test_bad_input_from_the_command_line_is_one_line(capsys):

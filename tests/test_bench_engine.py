@@ -7,7 +7,7 @@ import torch
 from bench_engine import machine, markdown, run
 from paper_loop import paper_objective
 from step_breakdown import LABELS
-from ahbf.kernels import build_graph
+from ahbf.methods import build_graph
 from ahbf.kernels.reference import okd_objective_reference
 
 

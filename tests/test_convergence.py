@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ahbf.kernels import build_graph, okd_loss
+from ahbf.kernels import okd_loss
+from ahbf.methods import build_graph
 from ahbf.models import create_model
 from tests.utils import assert_close
 

@@ -17,9 +17,10 @@ from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.schedules import scaled_lr
 from ahbf.engine.resolve import peak_lr, resolve_objective, resolve_values
-from ahbf.engine.task import OKDTask, make_graph
+from ahbf.engine.task import OKDTask
 from ahbf.engine.run import build_run, wrap_model
 from ahbf.engine.trainer import Trainer
+from ahbf.methods import build_graph
 from ahbf.models import create_model
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
@@ -33,7 +34,7 @@ def train_losses(compile: str, steps: int = 3) -> tuple[list[float], dict[str, t
     objective = resolve_objective(cfg.objective, "ahbf")
     amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), CPU.device, "fp32")
     train_fwd, _ = wrap_model(model, CPU, compile)
-    task = OKDTask(train_fwd, make_graph("ahbf", 2, objective), objective, amp.autocast)
+    task = OKDTask(train_fwd, build_graph("ahbf", 2, objective), objective, amp.autocast)
     task.set_epoch(10)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
@@ -77,11 +78,13 @@ def test_branches_without_compile_units_falls_back_to_model():
     assert "compiling the whole model" in notes[0]
 
 
-@pytest.mark.parametrize("text, expected", [("true", "model"), ("false", "off"), ("branches", "branches")])
-def test_old_boolean_compile_still_reads(tmp_path, text, expected):
+def test_compile_values_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(f"train:\n  compile: {text}\n")
-    assert build_config([str(path)]).train.compile == expected
+    path.write_text("train:\n  compile: branches\n")
+    assert build_config([str(path)]).train.compile == "branches"
+    path.write_text("train:\n  compile: true\n")  # the old boolean: one line naming the values
+    with pytest.raises(ConfigError, match="train.compile: unknown value 'true'; choose from off, model, branches"):
+        build_config([str(path)])
     assert parse_train_args(["--compile"]).train.compile == "model"
     assert parse_train_args(["--no-compile"]).train.compile == "off"
     cfg = parse_train_args(["--compile", "objective.T=4", "--compile-mode", "max-autotune"])  # not swallowed
@@ -102,9 +105,9 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
                                   ("train.progress", False), ("train.tensorboard", False), ("optim.lr_base_batch", 18),
                                   ("train.threads", 1)])
     trainer = Trainer(build_run(cfg, CPU))
-    assert trainer.peak_lr == pytest.approx(0.1 * 9 / 18)
+    assert trainer.schedule.lr == pytest.approx(0.1 * 9 / 18)  # the peak lr: resolve.peak_lr, held by the schedule
     # one lr path: scaled peak -> schedule -> optimiser (its first lr is the schedule's first step's)
-    assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.peak_lr
+    assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.schedule.lr
     trainer.fit()
     first, second = trainer.history
     assert first["compile_s"] > 0 and "compile_s" not in second

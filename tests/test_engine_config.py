@@ -123,7 +123,7 @@ def test_docs_config_reference_is_current(doc):
 
 @pytest.mark.parametrize("key,value,message", [
     ("objective.T", 0, "objective.T must be > 0"),
-    ("data.batch_size", 0, "data.batch_size must be >= 1"),
+    ("data.batch_size", 0, "data.batch_size must be >= 2"),
     ("data.eval_batch_size", 0, "data.eval_batch_size must be >= 1"),
     ("schedule.gamma", -0.1, "schedule.gamma must be > 0"),
     ("schedule.warmup_epochs", -1, "schedule.warmup_epochs must be >= 0"),

@@ -8,7 +8,8 @@ import pytest
 from ahbf.engine.config import ObjectiveConfig, ScheduleConfig
 from ahbf.engine.schedules import LRSchedule, kd_ramp, sigmoid_rampup
 from ahbf.engine.resolve import resolve_objective
-from ahbf.engine.task import OKDTask, make_graph
+from ahbf.engine.task import OKDTask
+from ahbf.methods import build_graph
 
 
 @pytest.mark.parametrize("epoch, expected", [(0, 0.5 * math.exp(-5)), (60, 0.5 * math.exp(-5 * 0.75 ** 2)),
@@ -26,13 +27,13 @@ def test_ramp_edge_cases():
 def test_task_kd_scale_is_ramp_times_kd_weight():
     ahbf = resolve_objective(ObjectiveConfig(rampup=240), "ahbf")
     assert (ahbf.kd_weight, ahbf.ramp, ahbf.detach_teacher) == (1.5, "sigmoid", False)
-    task = OKDTask(model=None, graph=make_graph("ahbf", 4, ahbf), cfg=ahbf)
+    task = OKDTask(model=None, graph=build_graph("ahbf", 4, ahbf), cfg=ahbf)
     for epoch in (0, 100, 240, 300):
         task.set_epoch(epoch)
         assert task.kd_scale == pytest.approx(1.5 * sigmoid_rampup(epoch, 240))
     dml = resolve_objective(ObjectiveConfig(), "dml")
     assert (dml.kd_weight, dml.ramp, dml.detach_teacher) == (1.0, "constant", True)
-    task = OKDTask(model=None, graph=make_graph("dml", 4, dml), cfg=dml)
+    task = OKDTask(model=None, graph=build_graph("dml", 4, dml), cfg=dml)
     task.set_epoch(3)
     assert task.kd_scale == 1.0
 

@@ -18,7 +18,8 @@ from ahbf.engine.checkpoint import load_checkpoint
 from ahbf.engine.optim import build_optimizer
 from ahbf.engine.precision import AmpStepper
 from ahbf.engine.resolve import resolve_objective
-from ahbf.engine.task import OKDTask, make_graph
+from ahbf.engine.task import OKDTask
+from ahbf.methods import build_graph
 from ahbf.models import create_model, create_plain
 
 # 58 train / 6 val / 16 test images of 8 x 8 px, 10 classes, resnet8: about a second per epoch
@@ -50,7 +51,7 @@ def test_a_few_steps_reduce_the_loss(method):
     cfg = RunConfig()
     objective = dataclasses.replace(resolve_objective(cfg.objective, method), backend="eager")
     amp = AmpStepper(build_optimizer(model.parameters(), cfg.optim), model.parameters(), torch.device("cpu"), "fp32")
-    task = OKDTask(model, make_graph(method, model.spec["num_branches"], objective), objective, amp.autocast)
+    task = OKDTask(model, build_graph(method, model.spec["num_branches"], objective), objective, amp.autocast)
     task.set_epoch(10)
     x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 10
     losses = []

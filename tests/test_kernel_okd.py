@@ -12,11 +12,14 @@ import sys
 import pytest
 import torch
 
-from ahbf.kernels import (BACKENDS, DistillGraph, Ensemble, KLEdge, ahbf_graph, baseline_graph, dml_graph, okd_loss,
-                          okd_objective_reference, one_graph)
+from ahbf.kernels import BACKENDS, DistillGraph, Ensemble, KLEdge, okd_loss, okd_objective_reference
 from ahbf.kernels import triton_okd
 from ahbf.kernels.analytic import okd_analytic
 from ahbf.kernels.encoding import encode, score_matrix
+from ahbf.methods.ahbf import ahbf_graph
+from ahbf.methods.baseline import baseline_graph
+from ahbf.methods.dml import dml_graph
+from ahbf.methods.one import one_graph
 from tests.utils import assert_close
 
 # (dtype, atol relative to max |reference|, rtol)
@@ -254,8 +257,9 @@ def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, ahbf.kernels as k, ahbf.kernels.okd as okd\n"
+        "from ahbf.methods.ahbf import ahbf_graph\n"
         "okd.TRITON_AVAILABLE = False\n"
-        "g = k.ahbf_graph(2); z = [torch.randn(2, 5) for _ in range(2)]; s = [torch.randn(2, 2)]\n"
+        "g = ahbf_graph(2); z = [torch.randn(2, 5) for _ in range(2)]; s = [torch.randn(2, 2)]\n"
         "assert k.okd_loss(z, s, torch.tensor([0, 1]), g, backend='eager')[0].isfinite()\n"
         "assert okd.choose_backend('auto', z) == 'compiled'\n"
         "try:\n"

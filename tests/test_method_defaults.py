@@ -15,12 +15,13 @@ from torch import nn
 
 from ahbf.engine.config import ConfigError, ObjectiveConfig, build_config
 from ahbf.engine.resolve import resolve_objective
-from ahbf.engine.task import OKDTask, make_graph
-from ahbf.kernels import build_graph, okd_loss, okd_objective_reference
+from ahbf.engine.task import OKDTask
+from ahbf.kernels import okd_loss, okd_objective_reference
 from ahbf.kernels.analytic import okd_analytic
 from ahbf.kernels.encoding import encode, score_matrix
-from ahbf.kernels.reference import minlogit_target
-from ahbf.models.resnet import BranchOutput
+from ahbf.methods import build_graph
+from ahbf.methods.kdcl import minlogit_target
+from ahbf.models import BranchOutput
 
 B, K = 6, 11
 
@@ -42,7 +43,7 @@ class Fixed(nn.Module):
 
 def task_for(method, z, s, epochs=300, branches=None, **objective):
     cfg = resolve_objective(ObjectiveConfig(backend="eager", **objective), method, epochs)
-    return OKDTask(Fixed(z, s), make_graph(method, branches or len(z), cfg), cfg)
+    return OKDTask(Fixed(z, s), build_graph(method, branches or len(z), cfg), cfg)
 
 
 def check(loss, ref, inputs):

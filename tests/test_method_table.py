@@ -7,12 +7,10 @@ import pytest
 
 from ahbf.engine.config import ConfigError, ObjectiveConfig, build_config
 from ahbf.engine.resolve import resolve_model, resolve_objective
-from ahbf.engine.task import make_graph
 from ahbf.engine.config import ModelConfig
-from ahbf.kernels import build_graph
-from ahbf.methods import METHODS, PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_markdown
+from ahbf.methods import METHODS, PEERS, PLAIN, build_graph, get_method, methods_markdown
 from ahbf.models import PeerNet, create_model
-from ahbf.models.peers import TemporalMeanNet
+from ahbf.methods.pcl import TemporalMeanNet
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
@@ -41,12 +39,12 @@ def test_each_record_drives_model_graph_and_defaults(name):
     m = get_method(name)
     M = max(m.min_branches, 3)
     model = create_model("resnet8", name, 10, M)
-    kind = PeerNet if m.model == PEERS else TemporalMeanNet if m.model == TEMPORAL_MEAN else type(model)
+    kind = PeerNet if m.model == PEERS else TemporalMeanNet if m.wrap is TemporalMeanNet else type(model)
     assert isinstance(model, kind)
     assert model.spec["num_branches"] == (1 if m.model == PLAIN else M)
     cfg = resolve_objective(ObjectiveConfig(), name)
     assert (cfg.ramp, cfg.detach_teacher, cfg.kd_weight) == (m.ramp, m.detach, m.kd_weight)
-    graph = make_graph(name, model.spec["num_branches"], cfg)
+    graph = build_graph(name, model.spec["num_branches"], cfg)
     assert graph.name == name and build_graph(name, model.spec["num_branches"]) == graph
     assert resolve_model(ModelConfig(method=name, num_branches=M)).num_branches == model.spec["num_branches"]
     if m.model != PLAIN and m.min_branches > 2:

@@ -14,9 +14,10 @@ from ahbf.engine.checkpoint import load_checkpoint
 from ahbf.engine.cli import train_main
 from ahbf.engine.config import ObjectiveConfig
 from ahbf.engine.resolve import resolve_objective
-from ahbf.engine.task import OKDTask, make_graph
-from ahbf.kernels import build_graph, okd_loss, okd_objective_reference
-from ahbf.kernels.reference import minlogit_target
+from ahbf.engine.task import OKDTask
+from ahbf.kernels import okd_loss, okd_objective_reference
+from ahbf.methods import build_graph
+from ahbf.methods.kdcl import minlogit_target
 from ahbf.models import create_model
 from tests.test_kernel_okd import make_inputs
 from tests.test_objective import ce, kl
@@ -184,7 +185,7 @@ def test_okddip_model_returns_attention_energies_of_the_peers():
     model = create_model("resnet8", "okddip", 10, 4)
     out = model(torch.randn(3, 3, 8, 8))
     assert len(out.logits) == 4 and [tuple(s.shape) for s in out.scores] == [(3, 3)] * 3
-    assert make_graph("okddip", 4, resolve_objective(ObjectiveConfig(), "okddip")).score_widths == (3, 3, 3)
+    assert build_graph("okddip", 4, resolve_objective(ObjectiveConfig(), "okddip")).score_widths == (3, 3, 3)
     with pytest.raises(ValueError, match="okddip"):
         create_model("resnet8", "okddip", 10, 2)
 
@@ -215,7 +216,7 @@ def test_pcl_ema_is_a_temporal_mean_without_gradients():
 def test_kdcl_task_builds_its_target_from_labels_and_evaluates_only_the_peers():
     model = create_model("resnet8", "kdcl", 10, 2)
     cfg = resolve_objective(ObjectiveConfig(backend="eager"), "kdcl")
-    task = OKDTask(model, make_graph("kdcl", 2, cfg), cfg)
+    task = OKDTask(model, build_graph("kdcl", 2, cfg), cfg)
     x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
     terms = task(x, y)
     z = model(x).logits
@@ -244,7 +245,7 @@ def test_two_epochs_train_and_resume_bitwise(method, tmp_path, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert train_main([*TINY, "--method", method, "-o", str(full)]) == 0
     table = capsys.readouterr().out
-    names = OKDTask(None, make_graph(method, 3, resolve_objective(ObjectiveConfig(), method)),
+    names = OKDTask(None, build_graph(method, 3, resolve_objective(ObjectiveConfig(), method)),
                     resolve_objective(ObjectiveConfig(backend="eager"), method)).node_names
     assert all(n in table for n in names)  # the evaluation table names every node
     assert train_main([*TINY, "--method", method, "-o", str(resumed), "--resume", str(full / "epoch_1.pt")]) == 0

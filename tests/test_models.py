@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from ahbf.kernels import build_graph
+from ahbf.methods import build_graph
 from ahbf.models import ARCHS, create_model, create_plain, export_target, target_state_dict
 from tests.utils import sgd_losses
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ahbf.kernels import build_graph, okd_objective_reference
+from ahbf.kernels import okd_objective_reference
+from ahbf.methods import build_graph, get_method
 from ahbf.models import create_model, create_plain, export_target, target_state_dict
 from ahbf.models import densenet, mobilenet, vgg
 from ahbf.models.paper_weights import from_reference, load_reference
@@ -25,7 +26,7 @@ FAMILY = {"vgg": vgg, "densenet": densenet, "mobilenetv2": mobilenet}
 
 def tiny(family, method="ahbf", num_classes=5, num_branches=3, aux=1):
     torch.manual_seed(0)
-    return FAMILY[family].multi_branch(TINY[family], num_classes, num_branches, aux, method)
+    return FAMILY[family].multi_branch(TINY[family], num_classes, num_branches, aux, get_method(method).parts)
 
 
 def randomise_bn(model):
@@ -107,7 +108,7 @@ def test_mobilenet_depths_and_the_shared_tail_quirk():
     assert all(abs(x.momentum - (1 - 0.9 ** 5)) < 1e-12 for x in shared_bn)
     # the intended network: each branch runs its own block4 .. block6, nothing unused
     with torch.device("meta"):
-        own = mobilenet.multi_branch(ARCHS["mobilenetv2_x0_5"], 10, 5, 2, "ahbf", shared_tail=False)
+        own = mobilenet.multi_branch(ARCHS["mobilenetv2_x0_5"], 10, 5, 2, get_method("ahbf").parts, shared_tail=False)
     assert [(len(b.block4), len(b.block5)) for b in own.branches] == [(3, 3), (5, 3), (5, 5), (5, 5), (7, 5)]
     assert all(p.requires_grad for p in own.parameters())
 

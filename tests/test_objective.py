@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
-from ahbf.kernels import (DistillGraph, Ensemble, KLEdge, ahbf_graph, build_graph, dml_graph, ensemble_logits,
-                          okd_objective_reference, one_graph)
+from ahbf.kernels import DistillGraph, Ensemble, KLEdge, ensemble_logits, okd_objective_reference
+from ahbf.methods import build_graph
+from ahbf.methods.ahbf import ahbf_graph
+from ahbf.methods.dml import dml_graph
+from ahbf.methods.one import one_graph
 from tests.utils import assert_close
 
 B, K, T = 6, 11, 3.0
@@ -188,7 +191,7 @@ def test_graph_key_is_a_content_hash_of_the_structure():
     assert graph_by_key(g.key) == g and 0 < g.key < 2 ** 63  # an int64 argument of the custom op
     # a graph unpickled in another process (spawned workers) is registered there under the same key
     code = ("import pickle, sys; from ahbf.kernels.graph import graph_by_key; g = pickle.loads(sys.stdin.buffer.read());"
-            "from ahbf.kernels import ahbf_graph; print(ahbf_graph(4).key, graph_by_key(g.key) == g)")
+            "from ahbf.methods.ahbf import ahbf_graph; print(ahbf_graph(4).key, graph_by_key(g.key) == g)")
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(others[1]), capture_output=True, timeout=120)
     assert out.stdout.decode().split() == [str(g.key), "True"], out.stderr.decode()[-2000:]
     with pytest.raises(KeyError, match="no distillation graph with key 12345"):

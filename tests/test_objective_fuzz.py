@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ahbf.kernels import build_graph
 from ahbf.kernels.okd import okd_loss
 from ahbf.kernels.reference import all_node_logits, kl_t, okd_objective_reference
+from ahbf.methods import build_graph
 
 # largest |logit| drawn: the range where fp32 math is accurate (docs/kernels.md "Range of logits")
 LIMIT = {torch.float64: 1e4, torch.float32: 1e4, torch.bfloat16: 1e4, torch.float16: 1e4}

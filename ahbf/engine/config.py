@@ -3,7 +3,8 @@
 Each field's docstring is its documentation and its CLI help (see ``field_docs``). The built-in
 defaults are the digits demo (``ahbf-train`` with no arguments); ``configs/*.yaml`` hold the paper's runs.
 YAML files and ``section.key=value`` overrides are merged onto the defaults; an unknown key is a
-``ConfigError`` naming the nearest known key. The checks of the values (choices, ranges) are ``checks.py``.
+``ConfigError`` (``checks.py``) naming the nearest known key. The checks of the values (choices, ranges) are
+``checks.py``, the per-dataset base values ``recipes.py``; neither imports this module.
 
 A config is immutable: every step returns a new one (``set_value``, ``RunConfig.replace``, ``checks.validate``,
 ``resolve.resolve``), so the object a run was built from is the one ``config.yaml`` records.
@@ -23,10 +24,8 @@ from typing import Any
 import yaml
 
 from ..pipelines import DataConfig
-
-
-class ConfigError(ValueError):
-    """A bad configuration value or key (reported as one line by the CLI)."""
+from .checks import ConfigError, validate
+from .recipes import chosen_recipe, recipe_values
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class ModelConfig:
     arch: str = "resnet8"
     """architecture: resnet8/14/20/32/44/56/110 (CIFAR-style), resnet18/34/50 (ImageNet-style), vgg16/19, densenet*, mobilenetv2_x0_5, or a library model torchvision:<name> / timm:<name> (docs/models.md)"""
     method: str = "ahbf"
-    """online-KD method (the records of ahbf/methods.py, table in docs/methods.md: model, families, defaults); baseline = a plain single network"""
+    """online-KD method (ahbf/methods/, table in docs/methods.md: model, families, defaults); baseline = a plain single network; or your own method's import path, module:name (docs/methods.md)"""
     num_branches: int = 4
     """number of branches M (ignored by baseline)"""
     aux: int | str = "auto"
@@ -124,7 +123,7 @@ class TrainConfig:
     channels_last: bool = True
     """channels-last memory format for the model and the images"""
     compile: str = "off"
-    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph); true / false mean model / off"""
+    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph)"""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
     threads: int = 0
@@ -341,8 +340,6 @@ def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = (),
     data set's paper values first, so the digits demo's defaults do not leak into it; a file with a top-level
     ``recipe: <dataset>`` key starts from that recipe (``configs/*.yaml`` are such overlays). ``base`` (a run's
     recorded config, ``--resume <run folder>``) already holds its recipe's values: none is applied again."""
-    from .recipes import chosen_recipe, recipe_values
-
     cfg = base or RunConfig()
     recipe = "" if base else chosen_recipe(files, overrides)
     if recipe:
@@ -355,8 +352,6 @@ def build_config(files: list[str] = (), overrides: list[tuple[str, Any]] = (),
         cfg = merge_dict(cfg, data, source=path)
     for key, value in overrides:
         cfg = set_value(cfg, key, value)
-    from .checks import validate  # checks.py reads this module's dataclasses
-
     return validate(cfg)
 
 

@@ -8,16 +8,17 @@ from typing import Any
 import torch
 
 from ..evaluation import evaluate, format_table
+from ..methods import build_graph
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data, no_test_set_note
-from .checkpoint import CheckpointError, check_spec, describe, load_checkpoint, load_weights, non_finite
+from .checkpoint import check_spec, describe, load_checkpoint, load_weights
 from .durable import atomic_save
 from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device
 from .precision import AmpStepper, param_dtype, resolve_precision
 from .resolve import resolve_objective
-from .task import OKDTask, make_graph
+from .task import OKDTask
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu",
@@ -37,9 +38,6 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     if split not in ("test", "val"):
         raise ValueError(f"split must be test or val, got {split!r}")
     ckpt = load_checkpoint(path)
-    bad = non_finite(ckpt["model"])
-    if bad:  # written by an older version (this one never writes them)
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     cfg = config_from_dict(ckpt["config"])
     # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
     # no up-front scan of every image (for ImageNet: 1.28M training files to evaluate 50k); a bad image is
@@ -62,7 +60,7 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
         model.to(memory_format=torch.channels_last)
     amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
     objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
-    task = OKDTask(model, make_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
+    task = OKDTask(model, build_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
     stand_in = no_test_set_note(cfg.data) if split == "test" else ""  # a folder without test/: the val split
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "

@@ -27,8 +27,6 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
         raise ConfigError("optim.impl=fused with fp16 loss scaling can corrupt the momentum after a skipped step; "
                           "use optim.impl=auto or foreach, or another precision")
     kw = dict(lr=cfg.lr if lr is None else lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.nesterov and cfg.momentum <= 0:
-        raise ConfigError(f"optim.nesterov needs optim.momentum > 0, got {cfg.momentum}")
     if cfg.impl == "apex":
         try:
             from apex.optimizers import FusedSGD

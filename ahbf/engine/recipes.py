@@ -4,7 +4,7 @@
 one with a top-level ``recipe: X`` key (``configs/*.yaml`` are such small overlays). The built-in
 defaults are the digits demo (16 px, cosine schedule with warm-up, 30 epochs); a recipe keeps them
 from leaking into a real data set. Method-dependent values (kd_weight, ramp, rampup, detach_teacher,
-aux) stay ``auto`` and resolve per method (``ahbf/methods.py``; the rampup as the method's fraction of
+aux) stay ``auto`` and resolve per method (``ahbf/methods/``; the rampup as the method's fraction of
 ``train.epochs``: AHBF's 240 of 300 and 72 of 90).
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from typing import Any, Iterable
 
 import yaml
+
+from .checks import ConfigError
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 NAMES = tuple(sorted(f[:-5] for f in os.listdir(FOLDER) if f.endswith(".yaml")))
@@ -27,8 +29,6 @@ def _load(name: str) -> str:
 
 def recipe_values(name: str, source: str = "config") -> dict[str, dict[str, Any]]:
     """The values of recipe ``name`` (a fresh copy); a one-line error naming the known recipes otherwise."""
-    from .config import ConfigError
-
     if name not in NAMES:
         raise ConfigError(f"{source}: unknown recipe {name!r}; choose from {', '.join(NAMES)}")
     return yaml.safe_load(_load(name))

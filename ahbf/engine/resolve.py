@@ -1,4 +1,5 @@
-"""Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran (no ``auto`` left).
+"""Every ``auto`` of a run is decided here, so ``config.yaml`` records what actually ran: no ``auto`` is left but
+a given ``train.resume: auto``, which ``RunState.resume`` decides when it claims the folder.
 
 Two phases: ``resolve`` (``build_run``, or the CLI before ``build_resolved``) and ``record_built`` (``build_resolved``):
 
@@ -18,6 +19,7 @@ import os
 
 import torch
 
+from ..kernels.graph import DistillGraph
 from ..kernels.okd import choose_backend
 from ..methods import PLAIN, get_method
 from ..models import backbones, default_aux
@@ -118,20 +120,24 @@ def device_name(env: DistEnv) -> str:
     return str(d)
 
 
-def objective_backend(cfg: RunConfig, device: torch.device) -> str:
-    """The backend ``okd_loss`` picks for this run's logits (device, autocast dtype, number of branches)."""
+def objective_backend(cfg: RunConfig, device: torch.device, graph: DistillGraph | None = None) -> str:
+    """The backend ``okd_loss`` picks for this run's logits (device, autocast dtype, number of input tensors:
+    the ``graph``'s, else the branches')."""
     if cfg.objective.backend != "auto":
         return cfg.objective.backend
     dtype = DTYPES.get(cfg.train.precision) or param_dtype(cfg.train.precision)  # fp32 / fp64: no autocast
-    z = [torch.empty(0, device=device, dtype=dtype)] * max(1, cfg.model.num_branches)
+    inputs = graph.num_branches if graph is not None else max(1, cfg.model.num_branches)
+    z = [torch.empty(0, device=device, dtype=dtype)] * inputs
     return choose_backend("auto", z, cfg.objective.eps)
 
 
-def record_built(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv) -> RunConfig:
-    """Phase 2: ``cfg`` with the ``auto`` values decided inside the built objects replaced by what they chose."""
+def record_built(cfg: RunConfig, data: DataBundle, optimizer: torch.optim.Optimizer, env: DistEnv,
+                 graph: DistillGraph | None = None) -> RunConfig:
+    """Phase 2: ``cfg`` with the ``auto`` values decided inside the built objects replaced by what they chose
+    (``graph``: the method's, whose input count decides the objective backend)."""
     # in-memory data sets (digits, CIFAR, synthetic) use no image-folder decoder; torch is what they would use
     backend = data.backend if data.backend in ("dali", "torch") else "torch"
     return cfg.replace(train={"device": device_name(env)},
                        data={"image_size": data.image_size, "backend": backend, "check_images": data.check_images},
                        optim={"impl": optimizer_impl(optimizer)},
-                       objective={"backend": objective_backend(cfg, env.device)})
+                       objective={"backend": objective_backend(cfg, env.device, graph)})

@@ -1,6 +1,6 @@
 """``build_run``: a config -> everything one training run uses, built in a fixed order.
 
-config --resolve--> (no ``auto`` left; a new, frozen config) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
+config --resolve--> (no ``auto`` left but ``train.resume``; a new, frozen config) --> data, model, learning-rate schedule, optimiser (+ ``AmpStepper``),
 task (forward + objective) --record_built--> the config that ``config.yaml`` records.
 
 The learning rate has one path: ``resolve.peak_lr`` (``optim.lr``, linearly scaled if
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..methods import build_graph, get_method
 from ..models import create_model
 from ..pipelines import DataBundle, build_data
 from .compile import compile_model
@@ -31,7 +32,7 @@ from .optim import build_optimizer
 from .precision import AmpStepper, check_cpu_bf16_convs, param_dtype
 from .resolve import peak_lr, record_built, resolve
 from .schedules import LRSchedule
-from .task import OKDTask, make_graph
+from .task import OKDTask
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -68,10 +69,6 @@ class Run:
     notes: list[str] = field(default_factory=list)
     link_latest: bool = False
     """the folder was named (--name) or chosen automatically: ``runs/latest`` points at it"""
-
-    @property
-    def peak_lr(self) -> float:
-        return self.schedule.lr
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors)."""
@@ -135,7 +132,8 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     optimizer = build_optimizer(model.parameters(), cfg.optim, env.device, t.precision == "fp16", lr=schedule(0, 0))
     amp = AmpStepper(optimizer, model.parameters(), env.device, t.precision, cfg.optim.clip_grad)
     train_fwd, eval_fwd = wrap_model(model, env, t.compile, t.compile_mode, notes.append)
-    task = OKDTask(train_fwd, make_graph(m.method, m.num_branches, cfg.objective), cfg.objective, amp.autocast,
-                   eval_model=eval_fwd)
-    cfg = record_built(cfg, data, optimizer, env)  # config.yaml: what actually runs, no 'auto'
+    method = get_method(m.method)
+    graph = build_graph(method, m.num_branches, cfg.objective)
+    task = OKDTask(train_fwd, graph, cfg.objective, amp.autocast, eval_model=eval_fwd, method=method)
+    cfg = record_built(cfg, data, optimizer, env, graph)  # config.yaml: what actually runs, no 'auto'
     return Run(cfg, env, data, model, amp, task, schedule, notes, link_latest)

@@ -18,7 +18,8 @@ RUNS = "runs"
 
 def auto_stem(cfg) -> str:
     """``<dataset>-<arch>-<method>``: what the run is, without its suffix."""
-    return f"{cfg.data.dataset}-{cfg.model.arch.replace(':', '-')}-{cfg.model.method}"  # torchvision:x -> torchvision-x
+    # torchvision:x -> torchvision-x; a user's method mypkg.mod:M -> mypkg.mod-M
+    return f"{cfg.data.dataset}-{cfg.model.arch.replace(':', '-')}-{cfg.model.method.replace(':', '-')}"
 
 
 def resolve_output(cfg, env_vars: Mapping[str, str] = os.environ, now: float | None = None,

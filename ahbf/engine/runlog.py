@@ -173,7 +173,7 @@ def header(run, recipe: str = "") -> str:
         f"trained, {deployed / 1e6:.3f} M deployed ({TARGET} = trunk + branch 0, what ahbf-export writes)",
         f"data: {c.data.dataset}, {splits}, {d.num_classes} classes, {d.image_size}px, {backend}, "
         f"batch {c.data.batch_size} x {env.world_size}",
-        f"schedule: {c.train.epochs} epochs of {len(d.train)} steps, {c.schedule.name} lr {run.peak_lr:.4g}"
+        f"schedule: {c.train.epochs} epochs of {len(d.train)} steps, {c.schedule.name} lr {run.schedule.lr:.4g}"
         f"{' (scaled)' if c.optim.lr_base_batch else ''}, SGD {c.optim.impl}, weight decay {c.optim.weight_decay:g}",
         f"machine: {env.device}, world size {env.world_size}, {c.train.precision}, compile {compiled}, "
         f"{c.train.threads} thread{'s' * (c.train.threads != 1)} ({threads_origin(c.train.threads)}), objective {c.objective.backend}"]

@@ -1,8 +1,8 @@
 """The task: forward + objective of one online-KD method, returning named loss terms.
 
-The trainer calls ``task(x, y)`` and gets ``{"loss", "ce", "kd"}``; it never knows which method runs.
-Everything method-specific (distillation graph, T, kd_weight, lambdas, KD ramp, KDCL's label-built
-target, PCL's EMA update after each step) lives here.
+The trainer calls ``task(x, y)`` and gets ``{"loss", "ce", "kd"}``; it never knows which method runs. The
+task holds the method's graph and objective settings (T, kd_weight, KD ramp) and calls the method's hooks
+(``ahbf.methods.base.Method``: a teacher built from the labels, as KDCL's; an update after each step, as PCL's).
 """
 from __future__ import annotations
 
@@ -17,18 +17,9 @@ from torch import Tensor, nn
 from ..kernels import all_node_logits
 from ..kernels.graph import DistillGraph
 from ..kernels.okd import BACKENDS, TRITON_AVAILABLE, okd_loss, triton_max_branches
-from ..kernels.reference import minlogit_target
-from ..methods import get_method
+from ..methods import Method, get_method
 from .config import ConfigError, ObjectiveConfig
-from .resolve import resolve_objective
 from .schedules import kd_ramp
-
-
-def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillGraph:
-    """The method's graph: its constructor with the config values its record names (``Method.options``)."""
-    m = get_method(method)
-    kw = {arg: getattr(cfg, key) for arg, key in m.options}
-    return m.graph(num_branches, detach_teacher=resolve_objective(cfg, method).detach_teacher is True, **kw)
 
 
 def objective_fn(backend: str) -> Callable:
@@ -44,17 +35,20 @@ class OKDTask:
 
     ``cfg.ce_weight`` != 1: ``ce_weight * CE + kd_scale * KD`` is computed as ``ce_weight * (CE + kd_scale /
     ce_weight * KD)`` (the same objective, no kernel change; the logged ``ce`` and ``kd`` stay the unweighted
-    sums). ``cfg.eps``: the KL's teacher-probability offset, passed to the objective."""
+    sums). ``cfg.eps``: the KL's teacher-probability offset, passed to the objective. ``method``: whose hooks
+    run (default: the method named by the graph)."""
 
     def __init__(self, model: nn.Module, graph: DistillGraph, cfg: ObjectiveConfig,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, eval_model: nn.Module | None = None):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, eval_model: nn.Module | None = None,
+                 method: Method | None = None):
         self.model, self.graph, self.cfg, self.autocast = model, graph, cfg, autocast
         self.eval_model = model if eval_model is None else eval_model
+        self.method = get_method(graph.name) if method is None else method
         self.objective = objective_fn(cfg.backend)
         if cfg.eps:
             self.objective = functools.partial(self.objective, eps=cfg.eps)
-        # KDCL-MinLogit: the soft target is built from the labels, so it is an input of training only
-        self.minlogit = graph.name == "kdcl" and graph.names[-1:] == ("minlogit",)
+        # a teacher built from the labels (KDCL-MinLogit): the last input node, in training only
+        self.label_target = self.method.label_target(graph) if self.method.label_target else None
         slots = triton_max_branches() if cfg.backend == "auto" and torch.cuda.is_available() and TRITON_AVAILABLE else 0
         if graph.num_branches > slots > 0:
             warnings.warn(f"objective: the {graph.name} graph has {graph.num_branches} input tensors, more than the "
@@ -69,23 +63,21 @@ class OKDTask:
     def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         with self.autocast():
             out = self.model(x)
-        logits = [*out.logits, minlogit_target(out.logits, y)] if self.minlogit else out.logits
+        logits = [*out.logits, self.label_target(out.logits, y)] if self.label_target else out.logits
         loss, terms = self.objective(logits, out.scores, y, self.graph, self.cfg.T, self._kd_arg)
         if self.cfg.ce_weight != 1:
             loss = loss * self.cfg.ce_weight
         return {"loss": loss, **terms}
 
     def after_step(self) -> None:
-        """Called by the trainer after each optimiser step: PCL's temporal-mean (EMA) update."""
-        # the evaluation forward is the model itself, or a torch.compile wrapper that forwards attributes to it
-        update = getattr(self.eval_model, "update_ema", None)
-        if update is not None:
-            update(self.cfg.ema_decay)
+        """Called by the trainer after each optimiser step: the method's hook (PCL's temporal-mean update)."""
+        if self.method.after_step is not None:  # on the evaluation forward: the model, not a DDP wrapper
+            self.method.after_step(self.eval_model, self.cfg)
 
     @property
     def node_names(self) -> list[str]:
-        """Every node that ``predict`` returns (not KDCL's label-built target)."""
-        return [self.graph.node_name(n) for n in range(self.graph.num_nodes - int(self.minlogit))]
+        """Every node that ``predict`` returns (not a label-built target)."""
+        return [self.graph.node_name(n) for n in range(self.graph.num_nodes - (self.label_target is not None))]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> list[Tensor]:

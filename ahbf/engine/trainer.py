@@ -59,7 +59,6 @@ class Trainer:
     epoch = property(lambda self: self.state.epoch)
     history = property(lambda self: self.state.history)
     best = property(lambda self: self.state.best)
-    peak_lr = property(lambda self: self.run.peak_lr)
 
     def close(self) -> None:
         self.run.close()

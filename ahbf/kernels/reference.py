@@ -28,17 +28,6 @@ def kl_t(student: Tensor, teacher: Tensor, T: float, eps: float = 0.0) -> Tensor
                             reduction="batchmean", log_target=True)
 
 
-def minlogit_target(z: Sequence[Tensor], labels: Tensor) -> Tensor:
-    """KDCL-MinLogit soft target (a constant): ``min_m (z^m - z^m[label])``, every peer's logits shifted so
-    that the label logit is 0, then the class-wise minimum over peers. Computed in the math dtype, returned
-    in the logits' dtype."""
-    with torch.no_grad():
-        dt = compute_dtype(z[0])
-        stacked = torch.stack([zi.to(dt) for zi in z])                          # M x B x K
-        shifted = stacked - stacked.gather(2, labels.long().view(1, -1, 1).expand(len(z), -1, 1))
-        return shifted.amin(0).to(z[0].dtype)
-
-
 def check_inputs(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph) -> None:
     """Shape checks (no host sync): one-line ValueError naming the offending argument."""
     if len(z) != graph.num_branches:

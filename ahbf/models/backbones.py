@@ -11,7 +11,9 @@ turn, lowest first: stage ``(l - 1) mod S`` of the S repeatable stages. This is 
 with the split at ``layer3`` of a torchvision ResNet it builds exactly the branches of the registry's ImageNet
 ResNets. An added block is the stage's last block taken from another fresh build of the model. A stage is
 repeatable when it is an ``nn.Sequential`` of blocks (or has one as ``.blocks``) whose last block has submodules
-and keeps its input's shape (found by a forward pass on the meta device). Branch 0 never gets extra blocks.
+and keeps its input's shape, or when it is itself one such block (torchvision's MobileNetV2 / V3, whose stages
+are single inverted-residual blocks: a deepened one becomes an ``nn.Sequential`` of the block and its copies);
+shapes are found by a forward pass on the meta device. Branch 0 never gets extra blocks.
 """
 from __future__ import annotations
 
@@ -25,9 +27,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from .branched import BranchedNet, assemble
-from .fusion import AHBFFusion
-from .peers import EnsembleHead, PeerAttention
+from ..methods import Body, Part
+from .branched import MultiBranchNet
 from .resnet import init_weights
 
 LIBRARIES = ("torchvision", "timm")
@@ -168,6 +169,12 @@ def units_and_stages(net: nn.Module, arch: str) -> tuple[list[str], list[str]]:
     return units, stages
 
 
+def last_block(stage: nn.Module) -> nn.Module:
+    """The block a deeper branch repeats: the stage's last block, or the stage itself if it is one block."""
+    blocks = stage_blocks(stage)
+    return stage if blocks is None else blocks[-1]
+
+
 def stage_blocks(stage: nn.Module) -> nn.Sequential | None:
     """The sequence of blocks of a stage: the stage itself if it is an ``nn.Sequential``, else its ``.blocks``."""
     if type(stage) is nn.Sequential:
@@ -208,9 +215,12 @@ def plan(arch: str) -> Plan:
     shapes: dict = {}
     hooks = [net.get_submodule(s).register_forward_hook(functools.partial(_record, shapes, s)) for s in stages]
     for s in stages:
-        blocks = stage_blocks(net.get_submodule(s))
-        if blocks is not None and len(blocks) and any(True for _ in blocks[-1].children()):
-            hooks.append(blocks[-1].register_forward_hook(functools.partial(_record, shapes, s + "/last")))
+        stage = net.get_submodule(s)
+        if stage_blocks(stage) is not None and not len(stage_blocks(stage)):
+            continue
+        block = last_block(stage)
+        if any(True for _ in block.children()):
+            hooks.append(block.register_forward_hook(functools.partial(_record, shapes, s + "/last")))
     size = tuple((getattr(net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
     try:
         f = features(net, torch.empty(2, *size, device="meta"))
@@ -251,9 +261,10 @@ def deeper_stages(arch: str, split: str) -> list[str]:
     return [s for s in p.stages[p.stages.index(split):] if s in p.repeatable]
 
 
-def default_aux(arch: str, method: str, split: str | None = None) -> int:
-    """AHBF: 2 (SPEC 2's ImageNet default) where the branch has a repeatable stage, else 0; 0 for other methods."""
-    return DEFAULT_AUX if method == "ahbf" and deeper_stages(arch, resolve_split(arch, split)) else 0
+def default_aux(arch: str, split: str | None = None) -> int:
+    """The depth step of branches of increasing depth: 2 (SPEC 2's ImageNet default) where the branch has a
+    repeatable stage, else 0."""
+    return DEFAULT_AUX if deeper_stages(arch, resolve_split(arch, split)) else 0
 
 
 def extra_blocks(i: int, aux: int, stages: list[str]) -> dict[str, int]:
@@ -264,10 +275,14 @@ def extra_blocks(i: int, aux: int, stages: list[str]) -> dict[str, int]:
     return counts
 
 
+def _set(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, key = name.rpartition(".")
+    setattr(net.get_submodule(parent), key, module)
+
+
 def _replace(net: nn.Module, names) -> nn.Module:
     for name in names:
-        parent, _, key = name.rpartition(".")
-        setattr(net.get_submodule(parent), key, nn.Identity())
+        _set(net, name, nn.Identity())
     return net
 
 
@@ -285,18 +300,18 @@ class LibraryTrunk(nn.Module):
 class LibraryBranch(nn.Module):
     """The library model from the split on (earlier modules are ``nn.Identity``); returns (features, logits)."""
 
-    def __init__(self, net: nn.Module, features: Callable, head: Callable):
+    def __init__(self, net: nn.Module, features: Callable, head: Callable, out_channels: int):
         super().__init__()
-        self.net, self.features, self.head = net, features, head
+        self.net, self.features, self.head, self.out_channels = net, features, head, out_channels
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(self.net, h)
         return f, self.head(self.net, f)
 
 
-def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int, method: str,
-                 split: str | None = None) -> BranchedNet:
-    """Trunk + ``num_branches`` branches of a library model, with the fusion parts of ``method``."""
+def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None, split: str | None = None) -> MultiBranchNet:
+    """Trunk + ``num_branches`` branches of a library model + the method's parts (ResNet-initialised)."""
     p = plan(arch)
     split = resolve_split(arch, split)
     deeper = deeper_stages(arch, split)
@@ -310,20 +325,16 @@ def multi_branch(arch: str, num_classes: int, num_branches: int, aux: int, metho
     for i in range(num_branches):
         net = _replace(build_library(arch, num_classes), p.units[:cut])
         counts = extra_blocks(i, aux, deeper)
+        for s, n in counts.items():
+            if n and stage_blocks(net.get_submodule(s)) is None:  # a one-block stage becomes a sequence of blocks
+                _set(net, s, nn.Sequential(net.get_submodule(s)))
         for d in range(max(counts.values(), default=0)):
             donor = build_library(arch, num_classes)  # a fresh draw of the library's initialisation
             for s, n in counts.items():
                 if n > d:
-                    stage_blocks(net.get_submodule(s)).append(stage_blocks(donor.get_submodule(s))[-1])
-        branches.append(LibraryBranch(net, features, head))
-    c = p.feature_channels
-    model = assemble(LibraryTrunk(trunk_net, features, p.in_channels[split]), branches, method,
-                     lambda k: AHBFFusion(c))
-    if method == "okddip":
-        model.attention = PeerAttention(c)
-    elif method == "pcl":
-        model.head = EnsembleHead(c, num_branches, num_classes)
-    for part in (model.fusions, model.gate):
-        if part is not None:
-            init_weights(part)  # as MultiBranchNet's fusion parts
+                    stage_blocks(net.get_submodule(s)).append(last_block(donor.get_submodule(s)))
+        branches.append(LibraryBranch(net, features, head, p.feature_channels))
+    model = MultiBranchNet(LibraryTrunk(trunk_net, features, p.in_channels[split]), branches, num_classes, parts)
+    for part in model.method_parts():
+        init_weights(part)  # as the ResNets' parts
     return model

@@ -10,12 +10,13 @@ module k maps cat[G_{k-1}, F_{k+1}] (C_k + C_{k+1} channels) to C_{k+1}.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .branched import BranchedNet, assemble, global_pool
-from .fusion import AHBFFusion
+from ..methods import Body, Part
+from .branched import MultiBranchNet, global_pool
 
 STEM, BN_SIZE, COMPRESSION = 24, 4, 0.5
 
@@ -98,14 +99,14 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def multi_branch(arch, num_classes: int, num_branches: int, aux: int, method: str) -> BranchedNet:
-    """Trunk + ``num_branches`` branches (branch i: ``layers[2] + i * aux`` layers in dense block 3);
-    ``arch.width`` is the growth rate."""
+def multi_branch(arch, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None) -> MultiBranchNet:
+    """Trunk + ``num_branches`` branches (branch i: ``layers[2] + i * aux`` layers in dense block 3) + the
+    method's parts; ``arch.width`` is the growth rate."""
     layers, growth = arch.layers, int(arch.width)
     trunk = DenseTrunk(layers, growth)
     branches = [DenseBranch(layers[2] + i * aux, trunk.out_channels, growth, num_classes) for i in range(num_branches)]
-    width = [b.out_channels for b in branches]
-    model = assemble(trunk, branches, method, lambda k: AHBFFusion(width[k + 1], width[k] + width[k + 1]))
+    model = MultiBranchNet(trunk, branches, num_classes, parts)
     init_weights(model)
     return model
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .backbones import LibraryTrunk
+from .branched import MultiBranchNet, PeerNet
 from .registry import create_plain
-from .peers import TemporalMeanNet
-from .resnet import MultiBranchNet, PeerNet
 
 
 def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -14,7 +13,7 @@ def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
     names for torchvision:<name> / timm:<name> models, whose trunk and branches hold the library model as ``net``)."""
     if isinstance(model, PeerNet):
         model = model.peers[0]
-    if isinstance(model, TemporalMeanNet):
+    if hasattr(model, "student"):  # a method's wrapper around its network (PCL's temporal mean: Method.wrap)
         model = model.student
     if not isinstance(model, MultiBranchNet):
         raise ValueError(f"model: expected an ahbf multi-branch model, got {type(model).__name__}")

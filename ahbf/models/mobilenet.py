@@ -9,8 +9,8 @@ channels; then global pool and a linear classifier. The AHBF modules fuse the 12
 
 Reference quirk, followed by default: its forward runs branch 0's ``block4`` and ``block5`` for every
 branch, so those two stages are in effect shared (here: part of the trunk) and the deeper ``block4`` /
-``block5`` it builds for branches 1..M-1 are never used. In the AHBF model (ONE gets none) they are
-kept, frozen (``requires_grad=False``: they never get a gradient there either), as ``unused_block4`` /
+``block5`` it builds for branches 1..M-1 are never used. Where the branches deepen (aux > 0, the AHBF
+model; the reference's ONE model has identical branches and none) they are kept, frozen (``requires_grad=False``: they never get a gradient there either), as ``unused_block4`` /
 ``unused_block5``, so the parameter count matches; only ``block6`` differs between branches. Running the
 shared stages M times per step also updates their BatchNorm running statistics M times; their BN
 momentum is 1 - 0.9^M to match. ``multi_branch(..., shared_tail=False)`` builds the evidently intended
@@ -19,11 +19,12 @@ network instead: every branch runs its own ``block4`` .. ``block6``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch import Tensor, nn
 
-from .branched import BranchedNet, assemble, global_pool
-from .fusion import AHBFFusion
+from ..methods import Body, Part
+from .branched import MultiBranchNet, global_pool
 
 EXPAND = 6
 TRUNK_STAGES = ((1, 16, 1, 1), (EXPAND, 24, 2, 1), (EXPAND, 32, 3, 2), (EXPAND, 64, 4, 2))  # t, c, n, stride
@@ -120,6 +121,7 @@ class MobileBranch(nn.Module):
             self.block5 = plan.stage(1, plan.tail[0], blocks[1])
         self.block6 = plan.stage(2, plan.tail[1], blocks[2])
         self.classifier = nn.Linear(plan.last, num_classes)
+        self.out_channels = plan.last
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         if self.own_tail:
@@ -143,20 +145,20 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def multi_branch(arch, num_classes: int, num_branches: int, aux: int, method: str,
-                 shared_tail: bool = True) -> BranchedNet:
-    """Trunk + ``num_branches`` branches at width ``arch.width``; ``shared_tail`` follows the reference's
-    forward (see the module doc)."""
+def multi_branch(arch, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None, shared_tail: bool = True) -> MultiBranchNet:
+    """Trunk + ``num_branches`` branches at width ``arch.width`` + the method's parts; ``shared_tail`` follows
+    the reference's forward (see the module doc)."""
     plan = Plan(arch.width)
     branches = []
     for i in range(num_branches):
         blocks = tail_blocks(i, aux)
         branch = MobileBranch(plan, blocks, shared_tail, num_classes)
-        if shared_tail and i > 0 and method == "ahbf":  # built by the reference's AHBF model, never run
+        if shared_tail and i > 0 and aux > 0:  # deeper branches: built by the reference's AHBF model, never run
             branch.unused_block4 = plan.stage(0, plan.trunk[-1], blocks[0]).requires_grad_(False)
             branch.unused_block5 = plan.stage(1, plan.tail[0], blocks[1]).requires_grad_(False)
         branches.append(branch)
-    model = assemble(MobileTrunk(plan, shared_tail), branches, method, lambda k: AHBFFusion(plan.last))
+    model = MultiBranchNet(MobileTrunk(plan, shared_tail), branches, num_classes, parts)
     init_weights(model)
     if shared_tail:  # the reference runs the shared block4 / block5 once per branch: M running-stat updates
         for m in [*model.trunk.block4.modules(), *model.trunk.block5.modules()]:

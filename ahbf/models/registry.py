@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
-from ..methods import PEERS, PLAIN, TEMPORAL_MEAN, get_method, methods_for
-from . import backbones, densenet, mobilenet, vgg
-from .peers import TemporalMeanNet
-from .resnet import CifarResNet, MultiBranchNet, PeerNet
+from ..methods import PEERS, PLAIN, get_method, methods_for
+from . import backbones, densenet, mobilenet, resnet, vgg
+from .branched import MultiBranchNet, PeerNet
+from .resnet import CifarResNet
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ ARCHS: dict[str, Arch] = {
     "densenet100_k40": Arch("dense", (16, 16, 16), False, "densenet", 40),
     "mobilenetv2_x0_5": Arch("inverted", (1, 2, 3, 4, 3, 3, 1), False, "mobilenetv2", 0.5),
 }
-FAMILIES = {"vgg": vgg, "densenet": densenet, "mobilenetv2": mobilenet}  # modules: multi_branch(), plain()
+FAMILIES = {"resnet": resnet, "vgg": vgg, "densenet": densenet, "mobilenetv2": mobilenet}  # modules: multi_branch()
 
 
 def get_arch(name: str) -> Arch:
@@ -49,20 +49,22 @@ def get_arch(name: str) -> Arch:
 
 
 def default_aux(arch: str, method: str, split: str | None = None) -> int:
-    """SPEC 2: aux = 4 for CIFAR ResNets and 2 for ImageNet under AHBF; identical branches otherwise.
-    VGG, DenseNet, MobileNetV2: 2, the reference script's default; torchvision / timm models: 2 where the
-    branch has a repeatable stage, else 0 (docs/models.md)."""
-    if backbones.is_library(arch):
-        return backbones.default_aux(arch, method, split)
-    if method != "ahbf":
+    """SPEC 2, for a method whose branches deepen (``Method.increasing_depth``, AHBF): aux = 4 for CIFAR ResNets
+    and 2 for ImageNet; VGG, DenseNet, MobileNetV2: 2, the reference script's default; torchvision / timm
+    models: 2 where the branch has a repeatable stage, else 0 (docs/models.md). Other methods: 0 (identical
+    branches)."""
+    if not get_method(method).increasing_depth:
         return 0
+    if backbones.is_library(arch):
+        return backbones.default_aux(arch, split)
     a = get_arch(arch)
     return 2 if a.imagenet or a.family != "resnet" else 4
 
 
 def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_branches: int = 4,
                  aux: int | None = None, split: str | None = None) -> nn.Module:
-    """Build the model of ``method`` (a record of ``ahbf.methods``: its model kind, families, least branch count).
+    """Build the model of ``method`` (a record of ``ahbf.methods``: its model kind, families, least branch count,
+    parts and wrapper).
 
     ``arch`` is a name of ``ARCHS`` or ``torchvision:<name>`` / ``timm:<name>``, cut before the stage ``split``
     (``ahbf.models.backbones``: every method builds on those). Every model returns ``BranchOutput(logits,
@@ -89,19 +91,17 @@ def create_model(arch: str, method: str = "ahbf", num_classes: int = 100, num_br
     elif m.model == PEERS and aux != 0:
         raise ValueError(f"aux must be 0 for {method} (identical peers), got {aux}")
 
-    def build(n: int, meth: str) -> MultiBranchNet:
+    def build(n: int, parts) -> MultiBranchNet:
         if library:
-            return backbones.multi_branch(arch, num_classes, n, aux, meth, split)
-        if a.family != "resnet":
-            return FAMILIES[a.family].multi_branch(a, num_classes, n, aux, meth)
-        return MultiBranchNet(a.block, list(a.layers), a.imagenet, num_classes, n, aux, meth)
+            return backbones.multi_branch(arch, num_classes, n, aux, parts, split)
+        return FAMILIES[a.family].multi_branch(a, num_classes, n, aux, parts)
 
     if m.model == PEERS:
-        model = PeerNet(lambda: build(1, "baseline"), num_branches)
-    elif m.model == TEMPORAL_MEAN:
-        model = TemporalMeanNet(build(num_branches, method), num_branches)
-    else:  # MULTI_BRANCH, or PLAIN: a one-branch network
-        model = build(num_branches, method)
+        model = PeerNet(lambda: build(1, None), num_branches)
+    else:  # MULTI_BRANCH with the method's parts (and its wrapper), or PLAIN: a one-branch network
+        model = build(num_branches, m.parts)
+        if m.wrap is not None:
+            model = m.wrap(model)
     model.spec = dict(arch=arch, method=method, num_classes=num_classes, num_branches=num_branches, aux=aux)
     if library:
         model.spec["split"] = split

@@ -6,23 +6,16 @@ renames 1:1 onto a plain network (see ``ahbf.models.export``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .fusion import AHBFFusion, ONEGate
-from .peers import EnsembleHead, PeerAttention, scale_grad
+from ..methods import Body, Part
+from .branched import MultiBranchNet
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-
-
-class BranchOutput(NamedTuple):
-    """What every model returns (SPEC 7): branch logits (index 0 = target) and fusion scores."""
-
-    logits: list[Tensor]
-    scores: list[Tensor]
 
 
 def make_layer(block: type, inplanes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
@@ -95,71 +88,19 @@ def branch_stage_blocks(layers: list[int], imagenet: bool, i: int, aux: int) -> 
     return [layers[2] + aux * math.ceil(i / 2), layers[3] + aux * (i // 2)]
 
 
-class MultiBranchNet(nn.Module):
-    """Shared trunk + M branches; ``method`` picks the fusion: 'ahbf' (recursive AHBF modules),
-    'one' (a gate on the trunk), 'cl_ilr' (trunk gradients scaled by 1/M), 'okddip' (attention energies
-    of peers 1..M-1), 'pcl' (an extra peer-ensemble logit output), 'branches'/'baseline' (none).
-    Forward returns ``BranchOutput``."""
-
-    def __init__(self, block: str, layers: list[int], imagenet: bool, num_classes: int,
-                 num_branches: int, aux: int, method: str):
-        super().__init__()
-        blk = BLOCKS[block]
-        self.method = method
-        self.trunk = Trunk(blk, layers, imagenet)
-        base = 64 if imagenet else 16
-        widths = [4 * base, 8 * base][: 2 if imagenet else 1]
-        self.branches = nn.ModuleList(
-            Branch(blk, self.trunk.out_channels, branch_stage_blocks(layers, imagenet, i, aux), widths, num_classes)
-            for i in range(num_branches))
-        feat = self.branches[0].out_channels
-        self.fusions = nn.ModuleList(AHBFFusion(feat) for _ in range(num_branches - 1)) if method == "ahbf" else None
-        self.gate = ONEGate(self.trunk.out_channels, num_branches) if method == "one" else None
-        self.attention = PeerAttention(feat) if method == "okddip" else None
-        self.head = EnsembleHead(feat, num_branches, num_classes) if method == "pcl" else None
-        init_weights(self)
-
-    def compile_units(self) -> list[nn.Module]:
-        """What ``train.compile=branches`` compiles, each as its own graph: trunk, branches, fusion modules."""
-        extra = list(self.fusions or []) + [m for m in (self.gate, self.attention, self.head) if m is not None]
-        return [self.trunk, *self.branches, *extra]
-
-    def forward(self, x: Tensor) -> BranchOutput:
-        h = self.trunk(x)
-        if self.method == "cl_ilr":
-            h = scale_grad(h, 1.0 / len(self.branches))
-        feats, logits = [], []
-        for branch in self.branches:
-            f, z = branch(h)
-            feats.append(f)
-            logits.append(z)
-        scores = []
-        if self.fusions is not None:
-            g = feats[0]
-            for k, fuse in enumerate(self.fusions):
-                g, sk = fuse(g, feats[k + 1])  # G_k = fusion of G_{k-1} (or F_0) and F_{k+1}
-                scores.append(sk)
-        elif self.gate is not None:
-            scores.append(self.gate(h))
-        elif self.attention is not None:
-            scores = self.attention(feats[1:])  # the leader (branch 0) is not a peer
-        elif self.head is not None:
-            logits.append(self.head(feats))
-        return BranchOutput(logits, scores)
-
-
-class PeerNet(nn.Module):
-    """DML: M independent plain networks (peers); peer 0 is the target."""
-
-    def __init__(self, make_peer, num_branches: int):
-        super().__init__()
-        self.peers = nn.ModuleList(make_peer() for _ in range(num_branches))
-
-    def compile_units(self) -> list[nn.Module]:
-        return [unit for p in self.peers for unit in p.compile_units()]
-
-    def forward(self, x: Tensor) -> BranchOutput:
-        return BranchOutput([p(x).logits[0] for p in self.peers], [])
+def multi_branch(arch, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None) -> MultiBranchNet:
+    """Trunk (stem, layer1, layer2) + ``num_branches`` branches of increasing depth (``branch_stage_blocks``)
+    + the method's ``parts``; torchvision initialisation."""
+    blk, layers = BLOCKS[arch.block], list(arch.layers)
+    trunk = Trunk(blk, layers, arch.imagenet)
+    base = 64 if arch.imagenet else 16
+    widths = [4 * base, 8 * base][: 2 if arch.imagenet else 1]
+    branches = [Branch(blk, trunk.out_channels, branch_stage_blocks(layers, arch.imagenet, i, aux), widths, num_classes)
+                for i in range(num_branches)]
+    model = MultiBranchNet(trunk, branches, num_classes, parts)
+    init_weights(model)
+    return model
 
 
 class CifarResNet(nn.Module):

@@ -8,11 +8,12 @@ branch i is stage 4 with ``layers[4] + i * aux`` convs and a 512-512-K classifie
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 from torch import Tensor, nn
 
-from .branched import BranchedNet, assemble, global_pool
-from .fusion import AHBFFusion
+from ..methods import Body, Part
+from .branched import MultiBranchNet, global_pool
 
 WIDTHS = (64, 128, 256, 512, 512)
 MIN_SIZE = 32  # five 2x2 max-pools
@@ -59,6 +60,7 @@ class VGGBranch(nn.Module):
         super().__init__()
         self.layer4 = conv_stage(512, 512, convs)
         self.classifier = classifier(num_classes)
+        self.out_channels = 512
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         f = self.layer4(h)
@@ -79,11 +81,12 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(m.weight, 0, 0.01)
 
 
-def multi_branch(arch, num_classes: int, num_branches: int, aux: int, method: str) -> BranchedNet:
-    """Trunk + ``num_branches`` branches (branch i: ``layers[4] + i * aux`` convs in stage 4)."""
+def multi_branch(arch, num_classes: int, num_branches: int, aux: int,
+                 parts: Callable[[Body], dict[str, Part]] | None = None) -> MultiBranchNet:
+    """Trunk + ``num_branches`` branches (branch i: ``layers[4] + i * aux`` convs in stage 4) + the method's parts."""
     layers = arch.layers
     branches = [VGGBranch(layers[4] + i * aux, num_classes) for i in range(num_branches)]
-    model = assemble(VGGTrunk(layers), branches, method, lambda k: AHBFFusion(512))
+    model = MultiBranchNet(VGGTrunk(layers), branches, num_classes, parts)
     init_weights(model)
     return model
 
