@@ -176,9 +176,9 @@ def run_one(p: Protocol, method: str, seed: int, work_dir: str) -> dict[str, Any
     summary = trainer.fit()
     wall = time.perf_counter() - start
     test = {k: v for k, v in summary["test"].items() if not k.startswith("_")}
-    last = trainer.history[-1]
+    last = trainer.state.history[-1]
     keys = [k for k in last if k.startswith(("test_", "div_"))] + ["train_loss"]
-    probed = [r for r in trainer.history if "test_branch0_top1" in r]
+    probed = [r for r in trainer.state.history if "test_branch0_top1" in r]
     curves = {k: [r[k] for r in probed] for k in ["epoch"] + keys}
     n_params = sum(t.numel() for t in trainer.model.parameters())
     return {"method": method, "seed": seed, "test": test, "target_top1": test["branch0"]["top1"],

@@ -9,8 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
 IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
-# the run folder's owner (issue 25 item 3) takes restart_resume out of state.py; then delete this entry
-KNOWN_CIRCLES = [{"ahbf/engine/resolve.py", "ahbf/engine/run.py", "ahbf/engine/state.py"}]
+KNOWN_CIRCLES: list[set[str]] = []  # none left
 
 
 def repo_path(token: str) -> Path | None:

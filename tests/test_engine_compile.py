@@ -109,7 +109,7 @@ def test_first_compiled_step_is_timed_apart(tmp_path, monkeypatch):
     # one lr path: scaled peak -> schedule -> optimiser (its first lr is the schedule's first step's)
     assert trainer.amp.optimizer.param_groups[0]["lr"] == trainer.schedule(0, 0) < trainer.schedule.lr
     trainer.fit()
-    first, second = trainer.history
+    first, second = trainer.state.history
     assert first["compile_s"] > 0 and "compile_s" not in second
     assert first["img_per_s"] == pytest.approx(31 / first["epoch_s"])  # 40 images, the first batch of 9 untimed
     assert second["img_per_s"] == pytest.approx(40 / second["epoch_s"])

@@ -15,7 +15,8 @@ import torch
 
 from ahbf.engine.checkpoint import load_checkpoint
 from ahbf.engine.cli import train_main
-from ahbf.engine.fault import NONFINITE_EXIT, PREEMPTED_EXIT, FolderLock
+from ahbf.engine.fault import NONFINITE_EXIT, PREEMPTED_EXIT
+from ahbf.engine.rundir import FolderLock
 
 # 58 train / 6 val / 16 test images of 8 x 8 px, batch 8: 8 steps per epoch, 16 in all
 TINY = ["--dataset", "synthetic", "data.synthetic_samples=64", "--image-size", "8", "--arch", "resnet8", "-b", "8",

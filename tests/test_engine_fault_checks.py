@@ -189,7 +189,7 @@ def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypat
     import errno
     import fcntl
 
-    from ahbf.engine.fault import FolderLock, RunFolderError, claim_folder
+    from ahbf.engine.rundir import FolderLock, RunFolderError, claim_folder
 
     held = FolderLock(str(tmp_path))  # a live run: "in use", as before
     try:

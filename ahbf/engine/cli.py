@@ -172,12 +172,12 @@ def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) ->
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:
     """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2. Under torchrun a
-    config error (the same on every rank) and a stop are printed by rank 0 only; other errors (a rank's own
-    bad image) by the rank that hit them."""
+    config error and a non-finite loss (the same on every rank) are printed by rank 0 only; other errors (a
+    rank's own bad image) and a stop by each rank."""
     try:
         fn()
     except Preempted as err:  # a stop signal: the checkpoint of the last finished step is written
-        _say(f"{prog}: {' '.join(str(err).split())}")
+        _say(f"{prog}: {' '.join(str(err).split())}", every_rank=True)  # which rank had the signal
         return PREEMPTED_EXIT
     except NonFiniteLossError as err:
         _say(f"{prog}: error: {' '.join(str(err).split())}")

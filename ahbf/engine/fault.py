@@ -1,19 +1,15 @@
-"""Surviving a cluster: preemption signals, per-step agreement on stopping / checkpointing, the run folder's lock.
+"""Surviving a cluster: preemption signals, per-step agreement on stopping / checkpointing, exit statuses.
 
 - ``StopSignals``: SIGTERM / SIGINT / SIGUSR1 set a flag (a second Ctrl-C stops the run at once; repeated
   SIGTERM / SIGUSR1 are ignored);
   the trainer finishes its step, all ranks agree on that step, rank 0 writes ``last.pt``, and the process
   exits with ``PREEMPTED_EXIT``.
-- ``claim_folder``: refuses a folder that holds another run unless it is resumed or ``--overwrite`` is given,
-  and holds an ``flock`` on ``<folder>/.lock`` for the run's life (the kernel drops it when the process dies,
-  so a killed run never leaves a stale lock).
 - ``watch_agent``: a torchrun worker ends, with one line, when its agent dies.
 - the exit statuses a job script acts on (docs/fault-tolerance.md).
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import signal
@@ -22,7 +18,6 @@ import threading
 import time
 from typing import Any
 
-from .checkpoint import remove_temporaries
 from .checks import parse_interval
 from .distributed import any_rank, is_distributed
 
@@ -34,13 +29,7 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROF
 PEERS_LOST_EXIT = 69  # EX_UNAVAILABLE: another rank or node did not join in time, or died (torchrun restarts it)
 AGENT_LOST_EXIT = 70  # this worker's torchrun agent died: the worker ends too (no one would restart or reap it)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-_RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
-RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
-CLEARED_ON_OVERWRITE = re.compile(rf"^({_RUN_FILES}|curves\.png|config\.yaml)$")
 
-
-class RunFolderError(ValueError):
-    """The output folder holds another run, or another live run writes to it (one line from the CLI)."""
 
 
 class Preempted(Exception):
@@ -116,106 +105,6 @@ def watch_agent(interval_s: float = 0.2) -> None:
 def restart_count() -> int:
     """torchrun's restart number of this worker group (0 on the first attempt and outside torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-OWNER = ".owner"  # the torchrun job that claimed the folder: a restart of that job (and only it) continues the run
-
-
-def job_id() -> str:
-    """This process's torchrun job: rendezvous id, host and the agent's pid (a worker's parent, alive across
-    restarts); "" outside torchrun."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return f"run {run_id} agent {os.getppid()} on {os.uname().nodename}" if run_id else ""
-
-
-def owned_by_this_job(folder: str) -> bool:
-    """Whether ``folder`` was claimed by this torchrun job (any of its nodes' agents), e.g. by attempt 0."""
-    try:
-        with open(os.path.join(folder, OWNER)) as f:
-            return bool(job_id()) and job_id() in f.read().splitlines()
-    except OSError:
-        return False
-
-
-def run_files(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if RUN_FILES.match(f)) if os.path.isdir(folder) else []
-
-
-class FolderLock:
-    """An exclusive ``flock`` on ``<folder>/.lock`` (non-blocking), naming the holder's pid and host. The file is
-    removed on release; a holder checks after locking that the path is still its file (a release in between)."""
-
-    def __init__(self, folder: str):
-        self.path, self.fd, self.warning = os.path.join(folder, ".lock"), None, ""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock here (e.g. Lustre noflock)
-                    os.close(fd)
-                    self.warning = (f"warning: cannot lock {self.path} ({os.strerror(err.errno)}); nothing stops a "
-                                    "second run from sharing this folder")
-                    return
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise RunFolderError(f"{folder} is in use by a live run ({holder}); wait for it to end or choose "
-                                     "another output folder") from None
-            try:
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the previous holder removed the file we locked: lock the new one
-        self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                os.remove(self.path)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self):
-        self.release()
-
-
-def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str] = ()) -> tuple[FolderLock, list[str]]:
-    """Lock ``folder`` for this run. A folder holding a run is refused (and left untouched) unless this run
-    resumes it, or ``overwrite`` deletes that run's files. ``owners``: the torchrun job's ``job_id`` on every
-    node, written to ``.owner`` once claimed. Returns (lock, notes for the log)."""
-    found = run_files(folder)
-    if found and not resume and not overwrite:
-        raise RunFolderError(f"{folder} already holds a run ({', '.join(found[:4])}); continue it with --resume auto, "
-                             "start afresh there with --overwrite (deletes its checkpoints), or choose another -o")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # the folder, or a folder above it, is a file
-        path = os.path.abspath(folder)
-        while os.path.dirname(path) != path and not os.path.isfile(path):
-            path = os.path.dirname(path)
-        raise RunFolderError(f"cannot use {folder} as the output folder: {path} is a file, not a folder; choose "
-                             "another -o") from None
-    lock = FolderLock(folder)
-    notes = [lock.warning] if lock.warning else []
-    if overwrite and not resume:
-        cleared = [f for f in sorted(os.listdir(folder)) if CLEARED_ON_OVERWRITE.match(f)]
-        for f in cleared:
-            os.remove(os.path.join(folder, f))
-        if cleared:
-            notes.append(f"--overwrite: deleted the previous run's {', '.join(cleared)}")
-    if any(owners):
-        with open(os.path.join(folder, OWNER), "w") as f:
-            f.write("".join(f"{o}\n" for o in sorted(set(owners))))
-    stale = remove_temporaries(folder)
-    if stale:
-        notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
-    return lock, notes
-
 
 
 class StepControl:

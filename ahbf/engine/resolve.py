@@ -28,9 +28,8 @@ from .config import ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainC
 from .distributed import DistEnv, any_rank, default_threads
 from .fault import restart_count
 from .precision import DTYPES, param_dtype, resolve_precision
-from .rundir import shared_output
+from .rundir import restart_resume, shared_output
 from .schedules import scaled_lr
-from .state import restart_resume
 
 
 def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:

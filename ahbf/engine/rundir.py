@@ -9,9 +9,15 @@ continues the newest folder of the same ``<dataset>-<arch>-<method>``, if there 
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
 import time
-from typing import Mapping
+from typing import Callable, Mapping
+
+from .checkpoint import newest_first, remove_temporaries
+from .distributed import DistEnv, all_gather, any_rank
 
 RUNS = "runs"
 
@@ -152,3 +158,171 @@ def continued_run(path: str) -> tuple[str, str, str]:
         raise FileNotFoundError(f"--resume {path}: not a run folder (no config.yaml; ahbf-train writes one into "
                                 "every run folder); give a checkpoint file, or -o with the settings to use")
     return folder, resume, ""  # a checkpoint outside a run folder: its own stored config
+
+
+# ------------------------------------------------------------------ ownership: claim, lock, torchrun job
+_RUN_FILES = r"last(\.\d+)?\.pt|best\.pt|epoch_\d+\.pt|results\.json|metrics\.csv"
+RUN_FILES = re.compile(rf"^({_RUN_FILES})$")  # a folder holding one of these holds a run
+CLEARED_ON_OVERWRITE = re.compile(rf"^({_RUN_FILES}|curves\.png|config\.yaml)$")
+
+
+class RunFolderError(ValueError):
+    """The output folder holds another run, or another live run writes to it (one line from the CLI)."""
+
+
+OWNER = ".owner"  # the torchrun job that claimed the folder: a restart of that job (and only it) continues the run
+
+
+def job_id() -> str:
+    """This process's torchrun job: rendezvous id, host and the agent's pid (a worker's parent, alive across
+    restarts); "" outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"run {run_id} agent {os.getppid()} on {os.uname().nodename}" if run_id else ""
+
+
+def owned_by_this_job(folder: str) -> bool:
+    """Whether ``folder`` was claimed by this torchrun job (any of its nodes' agents), e.g. by attempt 0."""
+    try:
+        with open(os.path.join(folder, OWNER)) as f:
+            return bool(job_id()) and job_id() in f.read().splitlines()
+    except OSError:
+        return False
+
+
+def run_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if RUN_FILES.match(f)) if os.path.isdir(folder) else []
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` (non-blocking), naming the holder's pid and host. The file is
+    removed on release; a holder checks after locking that the path is still its file (a release in between)."""
+
+    def __init__(self, folder: str):
+        self.path, self.fd, self.warning = os.path.join(folder, ".lock"), None, ""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock here (e.g. Lustre noflock)
+                    os.close(fd)
+                    self.warning = (f"warning: cannot lock {self.path} ({os.strerror(err.errno)}); nothing stops a "
+                                    "second run from sharing this folder")
+                    return
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunFolderError(f"{folder} is in use by a live run ({holder}); wait for it to end or choose "
+                                     "another output folder") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the previous holder removed the file we locked: lock the new one
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def claim_folder(folder: str, *, resume: bool, overwrite: bool, owners: list[str] = ()) -> tuple[FolderLock, list[str]]:
+    """Lock ``folder`` for this run. A folder holding a run is refused (and left untouched) unless this run
+    resumes it, or ``overwrite`` deletes that run's files. ``owners``: the torchrun job's ``job_id`` on every
+    node, written to ``.owner`` once claimed. Returns (lock, notes for the log)."""
+    found = run_files(folder)
+    if found and not resume and not overwrite:
+        raise RunFolderError(f"{folder} already holds a run ({', '.join(found[:4])}); continue it with --resume auto, "
+                             "start afresh there with --overwrite (deletes its checkpoints), or choose another -o")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the folder, or a folder above it, is a file
+        path = os.path.abspath(folder)
+        while os.path.dirname(path) != path and not os.path.isfile(path):
+            path = os.path.dirname(path)
+        raise RunFolderError(f"cannot use {folder} as the output folder: {path} is a file, not a folder; choose "
+                             "another -o") from None
+    lock = FolderLock(folder)
+    notes = [lock.warning] if lock.warning else []
+    if overwrite and not resume:
+        cleared = [f for f in sorted(os.listdir(folder)) if CLEARED_ON_OVERWRITE.match(f)]
+        for f in cleared:
+            os.remove(os.path.join(folder, f))
+        if cleared:
+            notes.append(f"--overwrite: deleted the previous run's {', '.join(cleared)}")
+    if any(owners):
+        with open(os.path.join(folder, OWNER), "w") as f:
+            f.write("".join(f"{o}\n" for o in sorted(set(owners))))
+    stale = remove_temporaries(folder)
+    if stale:
+        notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(stale)}")
+    return lock, notes
+
+
+def restart_resume(output: str, given: str, env: DistEnv) -> str:
+    """A torchrun restart continues its own run from the run folder's newest checkpoint, where this job
+    claimed the folder (``.owner``) and wrote one; otherwise what the command says, so a folder attempt 0
+    refused stays refused, and an explicit ``--resume PATH`` is used only until the run has its own."""
+    ours = env.is_main and owned_by_this_job(output) and bool(newest_first(os.path.join(output, "last.pt")))
+    (ours,) = any_rank(ours)
+    return "auto" if ours else given
+
+
+class RunFolder:
+    """The one owner of a run's folder: the claim (lock, ``.owner``, refusal of another run's folder), paths,
+    ``config.yaml``, the ``runs/latest`` link (undone if the run fails) and the release. Checkpoints written into
+    it are ``RunState``'s."""
+
+    def __init__(self, output: str, env: DistEnv, info: Callable[[str], None] = print):
+        self.output, self.env, self.info = output, env, info
+        self.lock: FolderLock | None = None
+        self.previous_latest: str | None = None  # what runs/latest pointed at before this run (None: untouched)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.output, name)
+
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 locks the folder (refusing one that holds another run); every rank learns the outcome."""
+        error, notes = None, []
+        owners = all_gather(job_id())  # the torchrun job's agents on every node: a restart of this job may resume
+        if self.env.is_main:
+            try:
+                self.lock, notes = claim_folder(self.output, resume=resume, overwrite=overwrite, owners=owners)
+            except (RunFolderError, OSError) as err:
+                error = err
+        (failed,) = any_rank(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RunFolderError(f"rank 0 refused the output folder {self.output} (its error says why)")
+        for note in notes:
+            self.info(note)
+
+    def write_config(self, text: str, link: bool) -> None:
+        """Rank 0: ``config.yaml`` and, for a folder named with --name or automatically, ``runs/latest``."""
+        if self.env.is_main:
+            os.makedirs(self.output, exist_ok=True)
+            with open(self.path("config.yaml"), "w") as f:
+                f.write(text)
+            if link:
+                self.previous_latest = link_latest(self.output)
+
+    def undo_latest(self) -> None:
+        """A run that failed does not stay ``runs/latest`` (rank 0)."""
+        if self.env.is_main:
+            restore_latest(self.output, self.previous_latest)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -1,7 +1,6 @@
-"""The run folder and its checkpoints: ``RunState`` owns what a checkpoint holds and every decision about one.
+"""A run's checkpoints: ``RunState`` owns what a checkpoint holds, every checkpoint write and every decision
+about one (the folder they live in is ``rundir.RunFolder``'s).
 
-- the folder: rank 0 claims (locks) it, refusing one that holds another run; a torchrun restart continues
-  its own run (``restart_resume``); ``config.yaml`` and the ``runs/latest`` link;
 - the progress a checkpoint restores: epoch, batches of the epoch done, optimiser step, history, best;
 - save: the non-finite check on every rank, then ``last.pt`` (rotated: last.1.pt ...), ``best.pt`` when
   the target's val top-1 improved, ``epoch_N.pt`` every ``train.save_every`` epochs;
@@ -23,82 +22,40 @@ from .checkpoint import (CheckpointError, ModelMismatchError, check_resumable, c
                          set_rng_state)
 from .durable import WriteError, atomic_copy
 from .distributed import DistEnv, all_gather, any_rank
-from .fault import RunFolderError, claim_folder, job_id, owned_by_this_job
 from .meters import LossMeter, NonFiniteLossError
-from .rundir import link_latest, restore_latest
+from .rundir import RunFolder
 
 if TYPE_CHECKING:
     from .run import Run
-
-
-def restart_resume(output: str, given: str, env: DistEnv) -> str:
-    """A torchrun restart continues its own run from the run folder's newest checkpoint, where this job
-    claimed the folder (``.owner``) and wrote one; otherwise what the command says, so a folder attempt 0
-    refused stays refused, and an explicit ``--resume PATH`` is used only until the run has its own."""
-    ours = env.is_main and owned_by_this_job(output) and bool(newest_first(os.path.join(output, "last.pt")))
-    (ours,) = any_rank(ours)
-    return "auto" if ours else given
 
 
 class RunState:
     """Progress + checkpoints of one run. ``checkpoints=False``: nothing is written but the folder's
     config.yaml and logs (a benchmark that needs no checkpoints)."""
 
-    def __init__(self, run: Run, meter: LossMeter, info: Callable[[str], None] = print, checkpoints: bool = True):
-        self.run, self.env, self.meter, self.info = run, run.env, meter, info
+    def __init__(self, run: Run, folder: RunFolder, meter: LossMeter, info: Callable[[str], None] = print,
+                 checkpoints: bool = True):
+        self.run, self.env, self.folder, self.meter, self.info = run, run.env, folder, meter, info
         self.checkpoints = checkpoints
         self.epoch, self.step, self.history = 0, 0, []
         self.batch = 0  # batches of epoch self.epoch already trained (a mid-epoch checkpoint)
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_good: str | None = None  # the newest checkpoint written or resumed from
-        self.previous_latest: str | None = None  # what runs/latest pointed at before this run (None: untouched)
         self.corrupt: list[str] = []  # files of the rotation a resume fell back past: never kept over a good one
-        self.lock = None
 
     cfg = property(lambda self: self.run.cfg)  # the run's one config
 
     def path(self, name: str) -> str:
-        return os.path.join(self.cfg.train.output, name)
+        return self.folder.path(name)
 
-    # ------------------------------------------------------------------------------------ the folder
-    def claim(self) -> None:
-        """Rank 0 locks the output folder (refusing one that holds another run); every rank learns the outcome."""
-        t, error, notes = self.cfg.train, None, []
-        owners = all_gather(job_id())  # the torchrun job's agents on every node: a restart of this job may resume
-        if self.env.is_main:
-            try:
-                self.lock, notes = claim_folder(t.output, resume=bool(t.resume), overwrite=t.overwrite, owners=owners)
-            except (RunFolderError, OSError) as err:
-                error = err
-        (failed,) = any_rank(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise RunFolderError(f"rank 0 refused the output folder {t.output} (its error says why)")
-        for note in notes:
-            self.info(note)
-        # done: what config.yaml and the checkpoints record says no (re-run with -c, it must not delete this run)
-        self.run.cfg = self.cfg.replace(train={"overwrite": False})
+    # ------------------------------------------------------------------------------------ progress
+    def step_done(self) -> None:
+        self.step += 1
 
-    def write_config(self, link: bool) -> None:
-        """Rank 0: ``config.yaml`` (the resolved config) and, for an automatically named folder, ``runs/latest``."""
-        if self.env.is_main:
-            os.makedirs(self.cfg.train.output, exist_ok=True)
-            with open(self.path("config.yaml"), "w") as f:
-                f.write(self.cfg.to_yaml())
-            if link:
-                self.previous_latest = link_latest(self.cfg.train.output)
-
-    def undo_latest(self) -> None:
-        """A run that failed does not stay ``runs/latest`` (rank 0; ``write_config`` linked it)."""
-        if self.env.is_main:
-            restore_latest(self.cfg.train.output, self.previous_latest)
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+    def at(self, epoch: int, batch: int) -> None:
+        """Where the run stands: ``batch`` batches of epoch ``epoch`` (0-based) done (0: the epoch's start)."""
+        self.epoch, self.batch = epoch, batch
 
     # ---------------------------------------------------------------------------------------- save
     def state_dict(self) -> dict[str, Any]:

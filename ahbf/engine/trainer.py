@@ -22,6 +22,7 @@ from .meters import LossMeter, NonFiniteLossError
 from .optim import set_lr
 from .run import Run
 from .runlog import TARGET, EpochProgress, RunLogger, epoch_line, header, use_bars, write_report
+from .rundir import RunFolder
 from .state import RunState
 
 Probe = Callable[[int], dict[str, float]]  # epochs done -> extra columns of that epoch's row (observes only)
@@ -40,9 +41,12 @@ class Trainer:
         self.log = RunLogger(t.output, self.env.is_main, t.tensorboard)
         for note in run.notes:
             self.log.info(note)
-        self.state = RunState(run, self.meter, self.log.info, checkpoints)
+        self.folder = RunFolder(t.output, self.env, self.log.info)
+        self.folder.claim(resume=bool(t.resume), overwrite=t.overwrite)  # before anything is written
+        # claimed: what config.yaml and the checkpoints record says no (a re-run with -c must not delete this run)
+        run.cfg = run.cfg.replace(train={"overwrite": False})
+        self.state = RunState(run, self.folder, self.meter, self.log.info, checkpoints)
         self.signals: StopSignals | None = None
-        self.state.claim()  # refuses a folder holding another run before anything is written
         try:
             self.state.resume()  # before writing anything: a refused checkpoint leaves the folder as it was
         except BaseException:
@@ -51,20 +55,15 @@ class Trainer:
         self.first_epoch = self.state.epoch
         # the first step compiles (torch.compile of the model, the compiled or Triton objective): timed apart
         self.compile_pending = t.compile != "off" or self.cfg.objective.backend != "eager"
-        self.state.write_config(link=run.link_latest)
+        self.folder.write_config(self.cfg.to_yaml(), link=run.link_latest)
 
     cfg = property(lambda self: self.run.cfg)  # the run's one config (the folder claim records overwrite off)
-    # the progress a checkpoint holds lives in self.state
-    step = property(lambda self: self.state.step)
-    epoch = property(lambda self: self.state.epoch)
-    history = property(lambda self: self.state.history)
-    best = property(lambda self: self.state.best)
 
     def close(self) -> None:
         self.run.close()
         if self.signals is not None:
             self.signals.restore()
-        self.state.release()
+        self.folder.release()
 
     # ------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -75,7 +74,7 @@ class Trainer:
         start = time.perf_counter()
         self.signals = StopSignals()
         self.control = StepControl(t.checkpoint_every, self.signals, t.stop_poll_every)
-        epochs = tqdm(range(self.epoch, t.epochs), desc="epochs", unit="ep", initial=self.epoch, total=t.epochs,
+        epochs = tqdm(range(self.state.epoch, t.epochs), desc="epochs", unit="ep", initial=self.state.epoch, total=t.epochs,
                       disable=not (self.bars and self.env.is_main), dynamic_ncols=True)
         try:
             for epoch in epochs:
@@ -85,14 +84,14 @@ class Trainer:
                 if d.val is not None:
                     row.update(self._prefixed("val", self.evaluate(d.val)))
                 for probe in self.probes:
-                    row.update(probe(self.epoch))
+                    row.update(probe(self.state.epoch))
                 self.end_epoch(row)
                 epochs.set_postfix_str(epoch_line(row, t.epochs, short=True))
             epochs.close()
             return self.finish(time.perf_counter() - start)
         except BaseException as err:
             if not isinstance(err, Preempted):  # a preempted run continues later; a failed one is not runs/latest
-                self.state.undo_latest()
+                self.folder.undo_latest()
             if isinstance(err, NonFiniteLossError):
                 good = self.state.last_good or "none (nothing was written)"
                 raise NonFiniteLossError(f"{err}; no checkpoint holds non-finite values; last good checkpoint: "
@@ -137,7 +136,7 @@ class Trainer:
         means = self.meter.read_epoch()
         seconds = time.perf_counter() - start
         progress.close()
-        s.epoch, s.batch = epoch + 1, 0
+        s.at(epoch + 1, 0)
         timed_images = progress.images - untimed * self.env.world_size  # none: no img/s to report (nan, not 0)
         return {"epoch": s.epoch, "step": s.step, "lr": lr, "kd_scale": self.task.kd_scale,
                 **{f"train_{k}": v for k, v in means.items()},
@@ -148,7 +147,7 @@ class Trainer:
     def precise_bn(self, first: bool) -> None:
         """``train.precise_bn=N``: the running statistics of the weights just trained, before val chooses best.pt."""
         n = self.cfg.train.precise_bn
-        used = precise_bn.reestimate(self.model, self.data.train, self.epoch, n, self.task.autocast, self.env.device)
+        used = precise_bn.reestimate(self.model, self.data.train, self.state.epoch, n, self.task.autocast, self.env.device)
         if first:
             ranks = f" x {self.env.world_size} ranks" if self.env.distributed else ""
             self.log.info(f"precise BN: running statistics of {len(precise_bn.batchnorms(self.model))} BatchNorm "
@@ -157,21 +156,21 @@ class Trainer:
 
     def train_step(self, x, y) -> None:
         terms = self.run.train_step(x, y)
-        self.state.step += 1
+        self.state.step_done()
         self.meter.update(terms, self.state.step)
 
     def after_step(self, epoch: int, done: int, total: int) -> None:
         """Mid-epoch checkpoint when ``train.checkpoint_every`` is due; on a stop signal, checkpoint and raise
         ``Preempted`` (every rank decides at the same step)."""
-        stop, save = self.control.poll(self.step)
+        stop, save = self.control.poll(self.state.step)
         if not save or (done == total and not stop):  # the epoch's end writes its own checkpoint
             return
-        self.state.epoch, self.state.batch = epoch, done
+        self.state.at(epoch, done)
         self.meter.read()  # the window into the epoch sums (and the non-finite check) before they are saved
         self.save(improved=False)
         if stop:
             barrier()  # rank 0 has written before any rank exits (torchrun stops the group when one exits)
-            raise Preempted(self.signals.name or "a signal on another rank", self.step, self.state.path("last.pt"))
+            raise Preempted(self.signals.name or "a signal on another rank", self.state.step, self.state.path("last.pt"))
 
     def save(self, improved: bool) -> None:
         self.state.save(improved)
@@ -194,17 +193,17 @@ class Trainer:
     def end_epoch(self, row: dict[str, Any]) -> None:
         self.state.history.append(row)
         self.save(self.state.improve(row.get(f"val_{TARGET}_top1")))
-        self.log.scalars("epoch", row, self.epoch)
-        self.log.write_csv(self.history)
+        self.log.scalars("epoch", row, self.state.epoch)
+        self.log.write_csv(self.state.history)
         self.log.info(epoch_line(row, self.cfg.train.epochs))
 
     # ----------------------------------------------------------------------------------- the end
     def finish(self, seconds: float) -> dict[str, Any]:
         """Test-set table of the best (val-chosen) weights, a line for the last weights, curves.png."""
-        best = self.best
-        last_is_best = best is not None and best["epoch"] == self.epoch
+        best = self.state.best
+        last_is_best = best is not None and best["epoch"] == self.state.epoch
         if not (self.cfg.train.precise_bn or self.env.distributed):
-            note = precise_bn.stale_stats_note(self.model, self.task.predict, self.data.val, self.history)
+            note = precise_bn.stale_stats_note(self.model, self.task.predict, self.data.val, self.state.history)
             if note:
                 self.log.info(note)
         last = self.evaluate(self.data.test)
@@ -216,10 +215,10 @@ class Trainer:
             chosen, results = "best", self.evaluate(self.data.test)
         elif best is not None:
             self.log.info(f"best.pt of epoch {best['epoch']} not found; reporting the last weights")
-        summary = {"checkpoint": chosen, "best": best, "epochs": self.epoch, "train_s": seconds,
+        summary = {"checkpoint": chosen, "best": best, "epochs": self.state.epoch, "train_s": seconds,
                    "test": results, "test_last": last}
         if self.env.is_main:
-            write_report(self.cfg, summary, self.history, self.epoch, self.log.info)
+            write_report(self.cfg, summary, self.state.history, self.state.epoch, self.log.info)
         return summary
 
     def summary(self) -> str:
