@@ -210,7 +210,7 @@ def test_header_names_the_recipe_in_force(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(trainer_module, "Trainer", Fake)
-    monkeypatch.setattr(run_module, "build_resolved", lambda cfg, env, link_latest: cfg)  # nothing built: no data
+    monkeypatch.setattr(run_module, "build_resolved", lambda cfg, env, named_folder: cfg)  # nothing built: no data
     monkeypatch.chdir(tmp_path)  # resolve() makes the auto-named run folder under runs/
     assert train_main(["--dataset", "cifar100", "--epochs", "2"]) == 0
     assert seen == {"recipe": "cifar100", "epochs": 2}

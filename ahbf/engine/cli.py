@@ -213,16 +213,17 @@ def _say(line: str, every_rank: bool = False) -> None:
 def _train(argv: list[str] | None) -> None:
     from . import distributed
     from .resolve import resolve
-    from .run import build_resolved, links_latest
+    from .run import build_resolved
+    from .rundir import is_named_folder
     from .trainer import Trainer
 
     cfg, recipe = _parse_train_args(argv)
-    auto_named, latest = not (cfg.train.output or cfg.train.name), links_latest(cfg)
+    auto_named, named = not (cfg.train.output or cfg.train.name), is_named_folder(cfg)
     watch_agent()  # under torchrun: end with the agent, also while the set-up waits for other ranks
     env = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
         cfg = resolve(cfg, env)  # names (and makes) the run folder
-        Trainer(build_resolved(cfg, env, link_latest=latest), recipe=recipe).fit()
+        Trainer(build_resolved(cfg, env, named_folder=named), recipe=recipe).fit()
     except BaseException:
         if auto_named and cfg.train.output and env.is_main:
             discard_if_empty(cfg.train.output)  # the folder chosen (and made) for a run that failed to start

@@ -31,6 +31,7 @@ from .distributed import DistEnv, convert_sync_batchnorm, set_threads
 from .optim import build_optimizer
 from .precision import AmpStepper, check_cpu_bf16_convs, param_dtype
 from .resolve import peak_lr, record_built, resolve
+from .rundir import is_named_folder
 from .schedules import LRSchedule
 from .task import OKDTask
 
@@ -67,8 +68,8 @@ class Run:
     task: OKDTask
     schedule: LRSchedule
     notes: list[str] = field(default_factory=list)
-    link_latest: bool = False
-    """the folder was named (--name) or chosen automatically: ``runs/latest`` points at it"""
+    named_folder: bool = False
+    """the folder was named (--name) or chosen automatically, not given with -o: ``runs/latest`` points at it"""
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors)."""
@@ -81,15 +82,9 @@ class Run:
         self.data.close()  # worker processes end with the run, not at interpreter exit
 
 
-def links_latest(cfg: RunConfig) -> bool:
-    """``runs/latest`` points at a folder named with ``--name`` or chosen automatically (not at a given ``-o``);
-    read from the config before ``resolve`` (which records the folder as ``train.output``)."""
-    return bool(cfg.train.name) or not cfg.train.output
-
-
 def build_run(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None) -> Run:
     """Resolve ``cfg`` and build the run; ``data``: a prebuilt bundle instead of ``cfg.data``'s."""
-    return build_resolved(resolve(cfg, env), env, data, link_latest=links_latest(cfg))
+    return build_resolved(resolve(cfg, env), env, data, named_folder=is_named_folder(cfg))
 
 
 def input_notes(cfg: RunConfig, data: DataBundle, env: DistEnv) -> list[str]:
@@ -111,7 +106,8 @@ def input_notes(cfg: RunConfig, data: DataBundle, env: DistEnv) -> list[str]:
     return notes
 
 
-def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None, link_latest: bool = False) -> Run:
+def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
+                   named_folder: bool = False) -> Run:
     """Build the run of a config that ``resolve`` returned (``ahbf-train`` keeps it: it names the run folder)."""
     t, m = cfg.train, cfg.model
     set_threads(t.threads)  # before any work
@@ -136,4 +132,4 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     graph = build_graph(method, m.num_branches, cfg.objective)
     task = OKDTask(train_fwd, graph, cfg.objective, amp.autocast, eval_model=eval_fwd, method=method)
     cfg = record_built(cfg, data, optimizer, env, graph)  # config.yaml: what actually runs, no 'auto'
-    return Run(cfg, env, data, model, amp, task, schedule, notes, link_latest)
+    return Run(cfg, env, data, model, amp, task, schedule, notes, named_folder)

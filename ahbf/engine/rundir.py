@@ -97,6 +97,12 @@ def discard_if_empty(path: str) -> None:
         pass
 
 
+def is_named_folder(cfg) -> bool:
+    """A folder named with ``--name`` or chosen automatically (not given with ``-o``): ``runs/latest`` points at
+    it. Read from the config before ``resolve`` (which records the folder as ``train.output``)."""
+    return bool(cfg.train.name) or not cfg.train.output
+
+
 def link_latest(output: str) -> str | None:
     """Point ``<parent of output>/latest`` at ``output`` (relative link); silently nothing where links are impossible.
     Returns what the link pointed at before ("" for no link; None: not linked), for ``restore_latest``."""

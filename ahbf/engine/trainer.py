@@ -55,7 +55,7 @@ class Trainer:
         self.first_epoch = self.state.epoch
         # the first step compiles (torch.compile of the model, the compiled or Triton objective): timed apart
         self.compile_pending = t.compile != "off" or self.cfg.objective.backend != "eager"
-        self.folder.write_config(self.cfg.to_yaml(), link=run.link_latest)
+        self.folder.write_config(self.cfg.to_yaml(), link=run.named_folder)
 
     cfg = property(lambda self: self.run.cfg)  # the run's one config (the folder claim records overwrite off)
 
