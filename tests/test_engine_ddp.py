@@ -56,7 +56,7 @@ def _resume_rank(rank: int, port: int, out: str, steps: str) -> None:
         run = trainer.Trainer(build_run(cfg, env))
         run.close()
         with open(os.path.join(steps, str(rank)), "w") as f:
-            f.write(str(run.step))
+            f.write(str(run.state.step))
     finally:
         distributed.teardown()
 

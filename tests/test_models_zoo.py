@@ -139,12 +139,15 @@ def test_export_is_exact(arch, cls, method):
         assert torch.equal(z0, plain(x)) and torch.equal(z0, fresh(x))
 
 
-@pytest.mark.parametrize("family,lr,batch", [("vgg", 0.05, 16), ("densenet", 0.05, 16), ("mobilenetv2", 0.02, 32)])
+@pytest.mark.parametrize("family,lr,batch", [("vgg", 0.05, 16), ("densenet", 0.05, 16), ("mobilenetv2", 0.005, 32)])
 def test_a_few_steps_reduce_the_loss(family, lr, batch):
-    model = tiny(family, num_classes=4, num_branches=3)
+    """In float64, so the verdict is the CPU's on no account: MobileNetV2 at lr 0.02 (momentum 0.9, 8 steps) was
+    chaotic, ending at 8.2 with 1 thread and 6.0 with 2 in float32 (measured); at 0.005 it falls steadily."""
+    model = tiny(family, num_classes=4, num_branches=3).double()
     graph = build_graph("ahbf", 3)
     y = torch.arange(batch) % 4
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + y.view(-1, 1, 1, 1)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x + y.view(-1, 1, 1, 1)
     losses = sgd_losses(model, x, y, graph, lr)
     assert losses[-1] < 0.85 * losses[0], losses
 
