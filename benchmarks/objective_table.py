@@ -356,15 +356,18 @@ def main(argv: list[str] | None = None) -> dict:
                       " ".join(f"{p}:{ps[p]['speedup_vs_eager']:.2f}x" for p in paths if p != "eager"), flush=True)
     result = {"env": env, "rows": rows}
     tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
-    out = args.out or os.path.join(RESULTS, f"objective_{tag}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    write_result(result, args.out or os.path.join(RESULTS, f"objective_{tag}.json"), markdown(result))
+    return result
+
+
+def write_result(result: dict, out: str, md: str) -> None:
+    """``result`` as JSON at ``out`` and ``md`` next to it (same name, .md); the table is printed too."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    md = markdown(result)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(md)
     print(md)
-    return result
 
 
 if __name__ == "__main__":

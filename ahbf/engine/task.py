@@ -32,10 +32,11 @@ def make_graph(method: str, num_branches: int, cfg: ObjectiveConfig) -> DistillG
 
 
 def objective_fn(backend: str) -> Callable:
-    """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound."""
+    """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound, and
+    ``reuse_grads``: the logits' gradients flow straight into the model's backward, never kept."""
     if backend not in BACKENDS:
         raise ConfigError(f"objective.backend: unknown value '{backend}'; choose from {', '.join(BACKENDS)}")
-    return functools.partial(okd_loss, backend=backend)
+    return functools.partial(okd_loss, backend=backend, reuse_grads=True)
 
 
 class OKDTask:
