@@ -127,6 +127,8 @@ class TrainConfig:
     """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph); true / false mean model / off"""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
+    cuda_graph: bool = False
+    """replay the whole training step (forward, objective, backward, optimiser) as one CUDA graph after 2 warm-up steps; where it cannot be captured (fp16, several processes, a non-fused optimiser, compile_mode=reduce-overhead) the eager step runs, with a note"""
     threads: int = 0
     """CPU threads of torch (torch.set_num_threads, set before any work); 0 = auto (available cores / local processes)"""
     sync_bn: bool = False

@@ -40,6 +40,8 @@ class Trainer:
         self.log = RunLogger(t.output, self.env.is_main, t.tensorboard)
         for note in run.notes:
             self.log.info(note)
+        if run.graphed is not None:
+            run.graphed.note = self.log.info  # its later notes (a batch of another shape) go to the run log
         self.state = RunState(run, self.meter, self.log.info, checkpoints)
         self.signals: StopSignals | None = None
         self.state.claim()  # refuses a folder holding another run before anything is written
