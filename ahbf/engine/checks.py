@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
     "schedule.name": ("multistep", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.compile": ("off", "model", "branches"),
+    "train.compile": ("off", "model", "branches", "regions"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
 ALIASES: dict[str, dict[str, str]] = {  # train.compile was a boolean

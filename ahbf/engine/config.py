@@ -124,7 +124,7 @@ class TrainConfig:
     channels_last: bool = True
     """channels-last memory format for the model and the images"""
     compile: str = "off"
-    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph); true / false mean model / off"""
+    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph) | regions (each repeated block compiled once and reused: the fastest cold compile); true / false mean model / off"""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
     cuda_graph: bool = False
