@@ -461,17 +461,16 @@ def _device_guard(dev: torch.device):
 
 
 # Notes
-# - Tile size. NP * BK <= TILE_ELEMENTS keeps the node tile (and the few [NP, BK] temporaries) in
-#   registers; num_warps grows with the tile. For ImageNet K = 1000 and M <= 4 (NP = 8) a row is one chunk,
-#   read from HBM once; larger K takes two passes over the branch logits (the second mostly hits L2).
-#   These are first guesses written without a GPU at hand. Compiled for sm_90 the default takes ~255
-#   registers at 8 warps (one program per SM); 16 tile elements per thread take 128 with no spills
-#   (benchmarks/kernel_registers.py). benchmarks/gpu_suite.py times every variant of launch_config on a GPU.
-# - The in-kernel reduction: every program stores its row partials, then (after a CTA barrier) a
-#   release-acquire atomic counts finished programs; the last one sums the partials in row order with
-#   volatile loads. Not run on a GPU yet: gpu_suite's correctness section checks the loss there. The counter lives in the loss buffer,
-#   zeroed per launch (one memset), so concurrent launches on other streams and CUDA-graph replays are safe.
-# - _row/_mix select rows with masked sums; with NP <= 16 that costs O(NP) per element and keeps every
-#   index a runtime value, so one compiled kernel serves all graphs with the same (M, N, widths).
-# - TEACHER_NONE / _SAME / _OWN (encoding.py) skip or share the teacher-side mixing at compile time.
+# - Tile size. NP * BK <= TILE_ELEMENTS keeps the node tile (and the few [NP, BK] temporaries) in registers;
+#   num_warps grows with the tile. For K = 1000 and M <= 4 (NP = 8) a row is one chunk, read from HBM once;
+#   larger K reads the branch logits twice (the second mostly from L2). Compiled for sm_90 the default takes
+#   ~255 registers at 8 warps (benchmarks/kernel_registers.py); gpu_suite.py times every variant on a GPU.
+# - The in-kernel reduction: every program stores its row partials, then (after a CTA barrier) a release-acquire
+#   atomic counts finished programs; the last one sums the partials in row order with volatile loads, writes
+#   loss / CE / KD and resets the counter. The counter sits at the end of the Launcher's scratch, zeroed once:
+#   no memset per launch, every CUDA-graph replay finds it at zero; two launches of one Launcher must not run
+#   concurrently (other streams).
+# - _row/_mix select rows with masked sums (O(NP) per element, NP <= 16), so every graph index stays a
+#   runtime value and one compiled kernel serves all graphs with the same (M, N, widths); TEACHER_NONE /
+#   _SAME / _OWN (encoding.py) skip or share the teacher-side mixing at compile time.
 # - KL is exact (log_target); the AHBF reference code adds 1e-7 to the teacher probabilities (SPEC 4).
