@@ -61,15 +61,18 @@ def test_reuse_grads_held_and_retained_graph_results_are_not_overwritten(graph, 
     z, s, y = make_inputs(graph, 4, 20, dtype)
     rtol = 1e-5 if dtype != torch.bfloat16 else 1e-2
     zl, sl = leaves(z), leaves(s)
-    loss, _ = okd_loss(zl, sl, y, graph, kd_scale=0.75, backend="triton", reuse_grads=True)
+    loss, terms = okd_loss(zl, sl, y, graph, kd_scale=0.75, backend="triton", reuse_grads=True)
     first = torch.autograd.grad(loss, zl + sl, retain_graph=True)
     again = torch.autograd.grad(2 * loss, zl + sl)      # the same graph: first is held, so new tensors
     assert all(a.dtype == t.dtype for a, t in zip(first, z + s))
     del loss
     z2, s2 = leaves(z, -1.0), leaves(s)
-    loss2, _ = okd_loss(z2, s2, y, graph, kd_scale=0.75, backend="triton", reuse_grads=True)
+    loss2, terms2 = okd_loss(z2, s2, y, graph, kd_scale=0.75, backend="triton", reuse_grads=True)
     third = torch.autograd.grad(loss2, z2 + s2)
-    _, _, ref = reference64(z, s, y, graph, 3.0, 0.75, 1.0)
+    ref_loss, ref_terms, ref = reference64(z, s, y, graph, 3.0, 0.75, 1.0)
+    for name in ("ce", "kd"):  # the first call's terms, still held, were not overwritten by the second call
+        assert terms[name] is not terms2[name]
+        assert_close(terms[name], ref_terms[name], rtol=1e-5, atol=1e-6, name=name)
     _, _, ref2 = reference64([-t for t in z], s, y, graph, 3.0, 0.75, 1.0)
     for i in range(len(ref)):
         tol = dict(rtol=rtol, atol=rtol * ref[i].abs().max().item())
@@ -84,11 +87,11 @@ def test_reuse_grads_reuses_the_output_buffer_when_nothing_holds_it():
     ptrs = []
     for _ in range(2):
         zl, sl = leaves(z), leaves(s)
-        loss, _ = okd_loss(zl, sl, y, g, kd_scale=0.75, backend="triton", reuse_grads=True)
+        loss, terms = okd_loss(zl, sl, y, g, kd_scale=0.75, backend="triton", reuse_grads=True)
         grads = torch.autograd.grad(loss, zl + sl)
         check_grads(grads, z, s, y, g)
-        ptrs.append(grads[0].data_ptr())
-        del loss, grads
+        ptrs.append((grads[0].data_ptr(), terms["ce"].data_ptr()))
+        del loss, grads, terms
     assert ptrs[0] == ptrs[1]
 
 
@@ -109,16 +112,16 @@ def test_the_hot_call_dispatches_no_cat_no_memset(monkeypatch):
     z, s, y = make_inputs(g, 8, 10)
     zl, sl = leaves(z), leaves(s)
     for reuse, backward_ops in ((False, ["aten::_foreach_mul"]), (True, ["aten::mul"])):  # reuse: into the buffer
-        warm, _ = okd_loss(zl, sl, y, g, kd_scale=0.75, backend="triton", reuse_grads=reuse)  # builds the plan
+        warm, warm_terms = okd_loss(zl, sl, y, g, kd_scale=0.75, backend="triton", reuse_grads=reuse)  # the plan
         torch.autograd.grad(warm, zl + sl)                                                   # and the buffers
-        del warm
+        del warm, warm_terms
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             loss, terms = okd_loss(zl, sl, y, g, kd_scale=0.75, backend="triton", reuse_grads=reuse)
             torch.autograd.grad(loss, zl + sl)
         del loss, terms  # the graph goes: the next round's call may take the plan's buffer
         ops = [e.name for e in prof.events() if e.name.startswith("aten::") and
                not any(p.name.startswith("aten::") for p in _parents(e))]
-        assert ops.count("aten::empty") == 3 and "aten::cat" not in ops
+        assert ops.count("aten::empty") == (1 if reuse else 3) and "aten::cat" not in ops  # reuse: ce, kd kept
         assert not {"aten::zeros", "aten::zero_", "aten::fill_", "aten::copy_"} & set(ops), ops
         # what launches work besides the kernel: autograd's grad_output seed, then our backward's one op
         assert [o for o in ops if o not in ("aten::empty", "aten::promote_types")] == ["aten::ones_like", *backward_ops], ops

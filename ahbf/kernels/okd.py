@@ -56,7 +56,7 @@ class _OkdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, *zs):
         plan, labels, kd, out, reuse = call
-        loss, ce, kdv, flat = plan.run(zs if len(zs) == plan.n_inputs else zs[:-1], labels, kd, reuse=True)
+        loss, ce, kdv, flat = plan.run(zs if len(zs) == plan.n_inputs else zs[:-1], labels, kd, True, reuse)
         ctx.saved = plan, flat, kd, kdv, reuse  # holds flat: the plan's buffer stays this graph's until it is freed
         out += ce, kdv
         return loss
@@ -174,11 +174,12 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     (``reference.kl_t``; 0 = exact); eager and compiled take any eps >= 0, ``auto`` runs compiled when
     eps != 0, and ``triton`` raises.
 
-    ``reuse_grads``: backward returns the gradients in a buffer that the next call of the same signature
-    overwrites (Triton backend, one input dtype; saves allocating them every step). For callers whose
-    gradients flow straight into other autograd nodes, as the training step's do; a caller that keeps
-    such a gradient, or a view of it, past the next call must clone it (one held directly is detected
-    and not overwritten).
+    ``reuse_grads``: backward returns the gradients, and the forward ``ce`` and ``kd``, in buffers that the
+    next call of the same signature overwrites (Triton backend; the gradients when the inputs have one
+    dtype; saves allocating them every step). For callers whose gradients flow straight into other
+    autograd nodes and who read the terms at once, as the training step does; a caller that keeps such a
+    tensor, or a view of it, past the next call must clone it (one held directly is detected and not
+    overwritten).
     """
     if backend == "eager" or torch.compiler.is_dynamo_compiling():  # (reuse_grads: the custom op allocates)
         return _checked_call(z, s, labels, graph, T, kd_scale, backend, eps)

@@ -114,6 +114,7 @@ class OkdPlan:
         self.out: Tensor | None = None
         self.out_views: list[Tensor] = []
         self._out_refs: tuple[int, ...] = ()
+        self._terms: tuple[Tensor, Tensor] | None = None  # reuse_grads: the [ce, kd] results, 0-dim each
 
     def kd_tensor(self, kd_scale: float | Tensor) -> Tensor:
         """``kd_scale`` as a tensor on the logits' device; a float becomes a 0-dim tensor of the math dtype
@@ -125,15 +126,16 @@ class OkdPlan:
             self._kd = torch.full((), float(kd_scale), dtype=self.acc, device=self.device)
         return self._kd
 
-    def run(self, zs: tuple[Tensor, ...], labels: Tensor, kd: Tensor, reuse: bool = False):
+    def run(self, zs: tuple[Tensor, ...], labels: Tensor, kd: Tensor, reuse: bool = False, reuse_terms: bool = False):
         """``(loss, ce, kd, flat gradients or None)`` for prepared inputs ``zs = (*z, *s)``. ``reuse``: the
         caller is an autograd node that keeps the gradients (and only them) until it is freed: it gets the
-        plan's buffer if no live node holds it."""
+        plan's buffer if no live node holds it. ``reuse_terms`` (``okd_loss(reuse_grads=True)``): ``ce`` and
+        ``kd`` are the plan's two 0-dim tensors unless a caller still holds one."""
         if self.launch is not None:
             grads = None
             if self.need_grad:
                 grads = self.flat if reuse and self.buffer_free() else self._new_buffer()
-            return (*self.launch(zs, labels, kd, grads), grads)
+            return (*self.launch(zs, labels, kd, grads, self._held_terms() if reuse_terms else None), grads)
         fn = (compiled_formulation(self.enc, self.need_grad, self.eps) if self.impl == "compiled" else
               functools.partial(okd_analytic_flat, enc=self.enc, need_grad=self.need_grad, eps=self.eps))
         M = self.M
@@ -142,6 +144,13 @@ class OkdPlan:
     def grad_views(self, flat: Tensor) -> list[Tensor]:
         """Each input's gradient as a view of ``flat`` (the plan's own views when it is the plan's buffer)."""
         return self.views if flat is self.flat else self.layout.views(flat)
+
+    def _held_terms(self) -> tuple[Tensor, Tensor] | None:
+        if self._terms is None:
+            self._terms = (torch.empty((), dtype=self.acc, device=self.device),
+                           torch.empty((), dtype=self.acc, device=self.device))
+            self._terms_refs = tuple(map(sys.getrefcount, self._terms))
+        return self._terms if tuple(map(sys.getrefcount, self._terms)) == self._terms_refs else None
 
     def buffer_free(self) -> bool:
         """No live autograd node holds the gradient buffer (the nodes of ``_OkdFunction`` keep a reference

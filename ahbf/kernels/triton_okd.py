@@ -419,13 +419,15 @@ class Launcher:
                      cfg.rows, REDUCE_BLOCK, _TL_DTYPES[acc], acc == torch.float64, ka)
         self.kernel = functools.partial(_okd_fused_kernel[(triton.cdiv(B, cfg.rows),)], num_warps=cfg.num_warps)
 
-    def __call__(self, zs, labels: Tensor, kd_scale: Tensor, grads: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, zs, labels: Tensor, kd_scale: Tensor, grads: Tensor | None,
+                 terms: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Launch on ``zs = (*z, *s)``: contiguous branch logits (B x K) and score tensors (B x w_j), with
         ``labels`` (B, any integer dtype) and a one-element ``kd_scale``; writes the gradients into ``grads``
-        (``encoding.GradLayout``, the math dtype) when built with ``need_grad``. Returns new 0-dim ``loss``,
-        ``ce`` and ``kd``."""
+        (``encoding.GradLayout``, the math dtype) when built with ``need_grad``. Returns a new 0-dim ``loss``
+        and ``ce``, ``kd``: ``terms`` if given (0-dim, the math dtype), else new ones."""
         new = self.new
-        loss, ce, kd = new(), new(), new()
+        loss = new()
+        ce, kd = (new(), new()) if terms is None else terms
         args = (*self.pointers(zs), self.part if grads is None else grads, labels, kd_scale, self.part, loss, ce, kd,
                 *self.tail)
         if self.guard:
