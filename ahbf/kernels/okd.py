@@ -10,21 +10,23 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 - ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
 - ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits, up to 8 branches and ``eps = 0``, else ``compiled``.
 
-The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
-returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
-the score matrix, kept in ``reference.grad_dtype`` (fp32, fp64 for fp64 inputs). Backward scales them by
-``grad_output`` in that dtype and only then rounds to the input dtype (``torch._foreach_mul``, plus one
-``torch._foreach_copy_`` for bf16 / fp16): an fp16 gradient rounded before AMP's loss scale (65536) is
-applied would flush small values to zero, and the scale itself is inf in fp16. The op is
-opaque to ``torch.compile``, so a compiled training step calls the kernel as is (``register_fake``
-gives shapes).
+The fused backends compute, in one forward, the loss, its two logged terms, and the gradients of the loss
+w.r.t. every branch logit and score tensor (one flat buffer, ``encoding.GradLayout``), kept in
+``reference.grad_dtype`` (fp32, fp64 for fp64 inputs). Backward scales them by ``grad_output`` in that
+dtype and only then rounds to the input dtype: an fp16 gradient rounded before AMP's loss scale (65536) is
+applied would flush small values to zero, and the scale itself is inf in fp16. Two entries run the same
+per-signature plan (``plan.py``: validation, backend choice, the Triton launcher and the reused buffers,
+decided on the first call of a signature): an eager call goes through :class:`_OkdFunction`, an
+``autograd.Function`` straight onto the plan (no dispatcher, no pytree; a few microseconds); a call that
+``torch.compile`` traces goes through one ``torch.library.custom_op`` (``ahbf::okd_fused``), opaque to
+the compiler (``register_fake`` gives shapes), so a compiled step calls the kernel as is.
 
 Inputs: non-contiguous logits or scores are copied to contiguous ones first; branches of mixed
 dtypes are promoted to a common dtype (both through autograd, so gradients flow back as usual).
-``kd_scale`` may be a float or a 0-dim tensor: it enters the op as a tensor, so changing it every
-epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``. A float
-becomes a tensor of the logits' math dtype (float64 runs stay exact), made once per (value, device,
-dtype) and cached, so a training step with a per-epoch float launches no fill.
+``kd_scale`` may be a float or a 0-dim tensor: it enters the kernel as a tensor, so changing it every
+epoch neither recompiles nor syncs, and a device tensor filled in place is read by a CUDA-graph replay;
+a ``kd_scale`` that requires grad gets ``grad * kd``. A float becomes a tensor of the logits' math dtype
+(float64 runs stay exact), made once per value and plan, so a training step launches no fill.
 The gradients are constants of the forward: double backward (``create_graph=True``) is not supported.
 """
 from __future__ import annotations
