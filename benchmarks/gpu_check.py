@@ -93,11 +93,13 @@ def check_cases(mode: str) -> list[tuple]:
     return cases + [scaled, ("ahbf M=4 extreme logits", ahbf_graph(4), 16, 1000, f32, {"scale": 3e3})]
 
 
-def run_checks(device: str, mode: str = "gpu", log=print) -> tuple[bool, list[dict]]:
+def run_checks(device: str, mode: str = "gpu", log=print, on_row=None) -> tuple[bool, list[dict]]:
     """Every case of :func:`check_cases` on ``triton`` (and fp32 ones on ``compiled``, except ``interpret``).
 
-    Returns (all passed, one row per case and backend: errors, limit, finite, ok)."""
+    Returns (all passed, one row per case and backend: errors, limit, finite, ok); ``on_row(row)`` is called
+    with each row as soon as it is checked."""
     ok, rows = True, []
+    on_row = on_row or (lambda row: None)
     log(f"{'case':45s} {'backend':9s} finite  loss/ce/kd err  grad err  limit")
     backends = ["triton"] + (["compiled"] if mode == "gpu" else [])
     for name, g, B, K, dt, kw in check_cases(mode):
@@ -112,6 +114,7 @@ def run_checks(device: str, mode: str = "gpu", log=print) -> tuple[bool, list[di
             ok &= good
             rows.append({"case": name, "backend": backend, "finite": finite, "scalar_err": e_scalar,
                          "grad_err": e_grad, "limit": limit, "ok": good})
+            on_row(rows[-1])
             log(f"{name:45s} {backend:9s} {str(finite):6s}  {e_scalar:14.2e}  {e_grad:8.2e}  {limit:.0e}"
                 f"  {'ok' if good else 'FAIL'}")
     g = ahbf_graph(4)
@@ -122,6 +125,7 @@ def run_checks(device: str, mode: str = "gpu", log=print) -> tuple[bool, list[di
         ok &= good
         rows.append({"case": "torch.compile(fullgraph) step, ahbf M=4", "backend": backend, "finite": finite,
                      "scalar_err": e_scalar, "grad_err": e_grad, "limit": 1e-5, "ok": good})
+        on_row(rows[-1])
         log(f"{'torch.compile(fullgraph) step, ahbf M=4':45s} {backend:9s} {str(finite):6s}  {e_scalar:14.2e}  "
             f"{e_grad:8.2e}  1e-05  {'ok' if good else 'FAIL'}")
     return ok, rows

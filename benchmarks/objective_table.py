@@ -78,8 +78,11 @@ def make_case(method: str, M: int, B: int, K: int, device: str = "cpu", dtype: t
 
 
 def make_step(case: Case, path: str):
-    """One objective step (forward + gradients of every input) for ``path`` in eager/compiled/triton."""
+    """One objective step (forward + gradients of every input) for ``path`` in eager / compiled / triton /
+    triton-graph (the triton step captured as one CUDA graph and replayed: :func:`cuda_graphed`)."""
     leaves = [t for t in case.z if t.requires_grad] + case.s
+    if path == "triton-graph":
+        return cuda_graphed(make_step(case, "triton"), str(case.z[0].device.type))
 
     if path == "eager":
         def step():
@@ -194,7 +197,7 @@ def traffic(case: Case, path: str) -> dict:
     es = case.z[0].element_size()
     labels = case.labels.numel() * case.labels.element_size()
     floor = 2 * (z_el + s_el) * es + labels
-    if path != "triton":
+    if path not in ("triton", "triton-graph"):
         return {"floor_bytes": floor, "moved_bytes": None}
     B, K = case.z[0].shape
     cfg = triton_okd.launch_config(case.graph.num_nodes, K, B)
@@ -210,14 +213,30 @@ def triton_kernel_only(case: Case, cfg=None):
     """The fused kernel's forward launch alone (loss + fp32 gradients), for ``kernel_ms``; ``cfg``: a
     ``triton_okd.LaunchConfig`` (default: the default tile)."""
     from ahbf.kernels import triton_okd
-    from ahbf.kernels.encoding import encode, score_matrix
+    from ahbf.kernels.encoding import encode
 
     enc = encode(case.graph)
-    z = [t.detach() for t in case.z]
-    scores = score_matrix([t.detach() for t in case.s], case.graph, z[0]).contiguous()
+    z, s = [t.detach() for t in case.z], [t.detach() for t in case.s]
     kd = torch.full((1,), KD_SCALE, device=z[0].device)
     kw = {} if cfg is None else dict(block_k=cfg.block_k, rows=cfg.rows, num_warps=cfg.num_warps)
-    return lambda: triton_okd.okd_fused_triton(z, scores, case.labels, kd, enc, T, True, **kw)
+    return lambda: triton_okd.okd_fused_triton(z, s, case.labels, kd, enc, T, True, **kw)
+
+
+def cuda_graphed(step, device: str, warmup: int = 3):
+    """``step`` captured once as a CUDA graph after ``warmup`` calls on a side stream; returns the replay (the
+    step's outputs are static, overwritten by the next replay). Off CUDA: ``step`` itself."""
+    if device != "cuda":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def summarize(ms: list[float]) -> dict:
@@ -358,15 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
                       " ".join(f"{p}:{ps[p]['speedup_vs_eager']:.2f}x" for p in paths if p != "eager"), flush=True)
     result = {"env": env, "rows": rows}
     tag = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
-    out = args.out or os.path.join(RESULTS, f"objective_{tag}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    write_result(result, args.out or os.path.join(RESULTS, f"objective_{tag}.json"), markdown(result))
+    return result
+
+
+def write_result(result: dict, out: str, md: str) -> None:
+    """``result`` as JSON at ``out`` and ``md`` next to it (same name, .md); the table is printed too."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    md = markdown(result)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write(md)
     print(md)
-    return result
 
 
 if __name__ == "__main__":

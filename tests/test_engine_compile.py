@@ -10,7 +10,7 @@ from torch import nn
 
 from ahbf.engine import run as run_module
 from ahbf.engine.cli import parse_train_args
-from ahbf.engine.compile import compile_model, compile_units
+from ahbf.engine.compile import compile_model, compile_regions, compile_units
 from ahbf.engine.config import ConfigError, RunConfig, build_config
 from ahbf.engine.distributed import DistEnv, default_threads
 from ahbf.engine.optim import build_optimizer
@@ -46,7 +46,7 @@ def train_losses(compile: str, steps: int = 3) -> tuple[list[float], dict[str, t
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["model", "branches"])
+@pytest.mark.parametrize("mode", ["model", "branches", "regions"])
 def test_compiled_training_matches_eager(mode):
     torch.compiler.reset()
     eager_losses, eager_state = train_losses("off")
@@ -68,6 +68,22 @@ def test_branches_compiles_each_unit_in_place():
     assert list(model.state_dict()) == keys  # checkpoints are unchanged
     dml = create_model("resnet8", "dml", 10, 2)
     assert len(compile_units(dml)) == 4  # trunk + branch of each peer
+
+
+def test_regions_are_the_repeated_blocks_of_one_shape_at_least_twice():
+    """AHBF ResNet-32: 53 of its 54 basic blocks in 4 shapes (the trunk's one 16 -> 32 block and the 3 fusion
+    modules stay eager); VGG has no repeated block: the whole model is compiled, with a note."""
+    from ahbf.models.resnet import BasicBlock
+
+    model = create_model("resnet32", "ahbf", 100, 4, 4)
+    regions = compile_regions(model)
+    assert len(regions) == 53 and all(type(r) is BasicBlock for r in regions)
+    assert model.trunk.layer2[0] not in regions and model.branches[3].layer3[0] in regions
+    assert len({tuple(p.shape for p in r.parameters()) for r in regions}) == 4
+    assert compile_regions(create_model("resnet8", "baseline", 10, 1)) == []  # each block shape once
+    notes = []
+    vgg = create_model("vgg16", "ahbf", 10, 2)
+    assert compile_model(vgg, "regions", note=notes.append) is not vgg and "no repeated blocks" in notes[0]
 
 
 def test_branches_without_compile_units_falls_back_to_model():

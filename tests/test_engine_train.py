@@ -69,7 +69,7 @@ def test_task_calls_the_fused_objective_entry_point_with_the_configured_backend(
 
     for backend in ("auto", "triton", "compiled", "eager"):
         fn = objective_fn(backend)
-        assert fn.func is okd_loss and fn.keywords == {"backend": backend}
+        assert fn.func is okd_loss and fn.keywords == {"backend": backend, "reuse_grads": True}
 
 
 def test_run_writes_every_output(run_dir):

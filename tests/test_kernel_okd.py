@@ -221,10 +221,10 @@ def test_custom_op_registrations():
     g = ahbf_graph(3)
     z, s, y = make_inputs(g, 3, 11)
     from ahbf.kernels.okd import okd_fused
-    scores = score_matrix(s, g, z[0]).contiguous().requires_grad_()
+    s = [t.requires_grad_() for t in s]
     z = [t.requires_grad_() for t in z]
     for impl in ("analytic", "triton"):
-        args = (z, scores, y, torch.tensor(0.5), g.key, 3.0, impl, True)
+        args = (z, s, y, torch.tensor(0.5), g.key, 3.0, impl, True)
         torch.library.opcheck(okd_fused, args, test_utils=("test_schema", "test_autograd_registration",
                                                             "test_faketensor"))
 
@@ -310,9 +310,7 @@ def test_float64_python_kd_scale_is_exact(backend):
     zl = [t.clone().requires_grad_() for t in z]
     sl = [t.clone().requires_grad_() for t in s]
     if backend == "analytic":  # the uncompiled formulation, through the same custom op
-        scores = score_matrix(sl, g, zl[0])
-        out = okd.okd_fused(zl, scores, y, okd._kd_tensor(kd, zl[0].device, torch.float64), g.key, 3.0,
-                            "analytic", True)
+        out = okd.okd_fused(zl, sl, y, torch.tensor(kd, dtype=torch.float64), g.key, 3.0, "analytic", True)
         loss = out[0]
     else:
         loss, _ = okd_loss(zl, sl, y, g, 3.0, kd, backend=backend)
@@ -328,16 +326,15 @@ def test_launch_configurations(rows, block_k):
     g = ahbf_graph(4)
     z, s, y = make_inputs(g, 7, 50)
     enc = encode(g)
-    scores = score_matrix(s, g, z[0]).contiguous()
     kd = torch.tensor([0.75])
-    loss, terms, dz, ds = triton_okd.okd_fused_triton(z, scores, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
+    loss, terms, dz, ds = triton_okd.okd_fused_triton(z, s, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
     ref_loss, ref_terms, ref_grads = reference64(z, s, y, g, 3.0, 0.75, 1.0)
     assert_close(loss, ref_loss, rtol=1e-5, atol=0, name="loss")
     assert_close(terms, torch.stack([ref_terms["ce"], ref_terms["kd"]]), rtol=1e-5, atol=0, name="terms")
     for i in range(4):
         assert dz[i].dtype == torch.float32
         assert_close(dz[i], ref_grads[i], rtol=1e-5, atol=1e-5 * ref_grads[i].abs().max().item(), name=f"dz{i}")
-    again = triton_okd.okd_fused_triton(z, scores, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
+    again = triton_okd.okd_fused_triton(z, s, y, kd, enc, 3.0, True, block_k=block_k, rows=rows)
     assert torch.equal(again[0], loss) and torch.equal(again[1], terms)  # fixed-order reduction
 
 

@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.impl": ("auto", "fused", "foreach", "loop", "apex"),
     "schedule.name": ("multistep", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
-    "train.compile": ("off", "model", "branches"),
+    "train.compile": ("off", "model", "branches", "regions"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
 

@@ -123,9 +123,11 @@ class TrainConfig:
     channels_last: bool = True
     """channels-last memory format for the model and the images"""
     compile: str = "off"
-    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph)"""
+    """torch.compile: off | model (the whole model as one graph) | branches (trunk, each branch and each fusion module as its own graph) | regions (each repeated block compiled once and reused: the fastest cold compile)"""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs: fewer kernel launches for small models) | max-autotune"""
+    cuda_graph: bool = False
+    """replay the whole training step (forward, objective, backward, optimiser) as one CUDA graph after 2 warm-up steps; where it cannot be captured (fp16, several processes, a non-fused optimiser, compile_mode=reduce-overhead) the eager step runs, with a note"""
     threads: int = 0
     """CPU threads of torch (torch.set_num_threads, set before any work); 0 = auto: OMP_NUM_THREADS if set, else the cores this process may use (affinity) / processes on this node; the header says which"""
     sync_bn: bool = False

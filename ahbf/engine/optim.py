@@ -43,5 +43,10 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr; one held as a device tensor (``train.cuda_graph``) is filled in place, so a captured
+    step reads the new value."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

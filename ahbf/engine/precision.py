@@ -100,6 +100,9 @@ class AmpStepper:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):  # the schedule sets lr before every step; keep
+            group["lr"] = lr                                       # the object a captured step reads
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -28,6 +28,7 @@ from ..pipelines import DataBundle, build_data
 from .compile import compile_model
 from .config import ConfigError, RunConfig
 from .distributed import DistEnv, convert_sync_batchnorm, set_threads
+from .graphed import GraphedStep, capture_blockers, lr_on_device
 from .optim import build_optimizer
 from .precision import AmpStepper, check_cpu_bf16_convs, param_dtype
 from .resolve import peak_lr, record_built, resolve
@@ -70,9 +71,15 @@ class Run:
     notes: list[str] = field(default_factory=list)
     named_folder: bool = False
     """the folder was named (--name) or chosen automatically, not given with -o: ``runs/latest`` points at it"""
+    graphed: GraphedStep | None = None
+    """``train.cuda_graph``: the step replayed as a CUDA graph (``ahbf.engine.graphed``)"""
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors)."""
+        """Forward + objective, then backward and the optimiser step; returns the loss terms (device tensors).
+        Under ``train.cuda_graph`` one graph replay (static terms, overwritten by the next step)."""
+        return self.eager_step(x, y) if self.graphed is None else self.graphed(x, y)
+
+    def eager_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         terms = self.task(x, y)
         self.amp.step(terms["loss"])
         self.task.after_step()  # PCL: EMA update (its weights live in the model's state dict)
@@ -132,4 +139,22 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     graph = build_graph(method, m.num_branches, cfg.objective)
     task = OKDTask(train_fwd, graph, cfg.objective, amp.autocast, eval_model=eval_fwd, method=method)
     cfg = record_built(cfg, data, optimizer, env, graph)  # config.yaml: what actually runs, no 'auto'
-    return Run(cfg, env, data, model, amp, task, schedule, notes, named_folder)
+    run = Run(cfg, env, data, model, amp, task, schedule, notes, named_folder)
+    if t.cuda_graph:
+        run.graphed = graphed_step(run)
+    return run
+
+
+def graphed_step(run: Run) -> GraphedStep | None:
+    """``train.cuda_graph``: the captured step where it can be (CUDA), the same static-buffer step uncaptured
+    on a CPU, else None (the eager step) with a note saying why."""
+    t, env = run.cfg.train, run.env
+    blockers = capture_blockers(env.device, t.precision, env.world_size, run.amp.optimizer, t.compile_mode)
+    if blockers and not (env.device.type != "cuda" and len(blockers) == 1):
+        run.notes.append("train.cuda_graph: not captured (" + "; ".join(blockers) + "): the eager step runs")
+        return None
+    if blockers:
+        run.notes.append(f"train.cuda_graph: {blockers[0]}")
+    lr_on_device(run.amp.optimizer, env.device)
+    run.task.kd_on_device(env.device)
+    return GraphedStep(run.eager_step, env.device, capture=not blockers, note=run.notes.append)

@@ -23,10 +23,11 @@ from .schedules import kd_ramp
 
 
 def objective_fn(backend: str) -> Callable:
-    """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound."""
+    """``ahbf.kernels.okd.okd_loss`` with ``backend`` (auto | triton | compiled | eager) bound, and
+    ``reuse_grads``: the logits' gradients flow straight into the model's backward, never kept."""
     if backend not in BACKENDS:
         raise ConfigError(f"objective.backend: unknown value '{backend}'; choose from {', '.join(BACKENDS)}")
-    return functools.partial(okd_loss, backend=backend)
+    return functools.partial(okd_loss, backend=backend, reuse_grads=True)
 
 
 class OKDTask:
@@ -54,11 +55,21 @@ class OKDTask:
             warnings.warn(f"objective: the {graph.name} graph has {graph.num_branches} input tensors, more than the "
                           f"Triton kernel's {slots}: backend auto runs the compiled backend", stacklevel=2)
         self.kd_scale = 0.0
+        self._kd_tensor: Tensor | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.kd_scale = kd_ramp(self.cfg.ramp, epoch, self.cfg.rampup) * self.cfg.kd_weight
         self._kd_arg = self.kd_scale if self.cfg.ce_weight == 1 else self.kd_scale / self.cfg.ce_weight
+        if self._kd_tensor is not None:
+            self._kd_arg = self._kd_tensor.fill_(self._kd_arg)
+
+    def kd_on_device(self, device: torch.device) -> None:
+        """Pass ``kd_scale`` as a 0-dim fp32 tensor on ``device`` that ``set_epoch`` fills in place (a captured
+        CUDA graph reads it; the objective takes it as a float would be taken: rounded to fp32)."""
+        self._kd_tensor = torch.zeros((), device=device)
+        self.set_epoch(self.epoch)
 
     def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         with self.autocast():

@@ -45,6 +45,8 @@ class Trainer:
         self.folder.claim(resume=bool(t.resume), overwrite=t.overwrite)  # before anything is written
         # claimed: what config.yaml and the checkpoints record says no (a re-run with -c must not delete this run)
         run.cfg = run.cfg.replace(train={"overwrite": False})
+        if run.graphed is not None:
+            run.graphed.note = self.log.info  # its later notes (a batch of another shape) go to the run log
         self.state = RunState(run, self.folder, self.meter, self.log.info, checkpoints)
         self.signals: StopSignals | None = None
         try:

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .encoding import TEACHER_OWN, TEACHER_SAME, EncodedGraph
+from .encoding import TEACHER_OWN, TEACHER_SAME, EncodedGraph, score_matrix
 from .graph import DistillGraph
 from .reference import compute_dtype, grad_dtype
 
@@ -174,3 +174,25 @@ def okd_analytic(z: Sequence[Tensor], scores: Tensor, labels: Tensor, T: float, 
     dscores.reverse()
     ds = torch.cat(dscores, dim=1) if dscores else torch.zeros_like(scores)
     return loss, ce, kd, [dnodes[i].to(grad_dtype(z[i].dtype)) for i in range(M)], ds.to(grad_dtype(scores.dtype))
+
+
+def okd_analytic_flat(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, T: float, kd_scale: Tensor, *,
+                      enc: EncodedGraph, need_grad: bool = True, eps: float = 0.0):
+    """:func:`okd_analytic` on the score tensors themselves, in the fused op's layout: ``(loss, ce, kd,
+    gradients)``, the gradients one flat tensor (``encoding.GradLayout``: every branch, then every score
+    tensor, ensembles sharing a score summed) or ``None`` without ``need_grad``. Compiled as a whole, so the
+    concatenations are inside the graph."""
+    graph = enc.graph
+    loss, ce, kd, dz, ds = okd_analytic(z, score_matrix(s, graph, z[0]), labels, T, kd_scale, enc=enc,
+                                        need_grad=need_grad, eps=eps)
+    if not need_grad:
+        return loss, ce, kd, None
+    per_score: list[Tensor | None] = [None] * len(s)
+    col = 0
+    for ens in graph.ensembles:                      # ds: the ensembles' columns, in ensemble order
+        w = len(ens.inputs)
+        if ens.score is not None:
+            block = ds[:, col:col + w]
+            per_score[ens.score] = block if per_score[ens.score] is None else per_score[ens.score] + block
+        col += w
+    return loss, ce, kd, torch.cat([g.reshape(-1) for g in (*dz, *per_score)])

@@ -4,16 +4,20 @@
 
 - the KL edges folded into the three N x N mixing matrices ``A_w, A_t, A_s`` (defined and derived in
   ``analytic.py``) and the CE count of each node;
-- ``tables(T, dtype, device)``: the kernel's two tables, an int32 one ``[ens_inputs (EA x WMAX), ens_col (EA),
-  ens_width (EA)]`` (EA = max(E, 1)) and a float one ``[T, 1/T, ce_count (N), A_w, A_t, A_s]`` rounded once
+- ``tables(T, dtype, device)``: the kernel's two tables, an int32 one ``[ens_inputs (E x WMAX), ens_col (E),
+  ens_width (E), ens_writes (E)]`` and a float one ``[T, 1/T, ce_count (N), A_w, A_t, A_s]`` rounded once
   from float64; cached per (T, dtype, device), so a training step passes two pointers and builds nothing;
 - the same matrices as Python constants (the nonzero entries of each row) for the compiled formulation,
   which unrolls them.
 
-Score columns: the fused op reads one ``B x S`` score matrix (:func:`score_matrix`), the concatenation of
-``s[ens.score]`` (zeros for an equal-weight ensemble) over the ensembles in order, so ensemble ``k`` owns
-columns ``ens_col[k] : ens_col[k] + ens_width[k]``. A score tensor used by two ensembles appears twice;
-autograd of the concatenation sums its gradient back.
+Score columns: score tensor ``s[j]`` (``B x w_j``) owns columns ``score_offsets[j] : + w_j`` of the
+``score_cols`` columns, in score order. The kernel reads each ensemble's score tensor where the model left it
+(no concatenation): ``ens_col[k]`` is the first column of ensemble k's score (-1: equal weights, no score),
+and ``ens_writes[k]`` is 1 for the first ensemble reading that score, which writes its gradient (ensembles
+sharing a score add their ``dL/dgate`` to the same columns first). The gradient of ``s[j]`` is the
+row-major ``B x w_j`` block at ``B * score_offsets[j]`` of the score part of the op's gradient buffer
+(``plan.py``). :func:`score_matrix` concatenates the score tensors into that column order (``B x S``,
+equal-weight ensembles as zeros) for the compiled formulation, which works on one matrix.
 """
 from __future__ import annotations
 
@@ -81,8 +85,19 @@ class EncodedGraph:
         return max((len(e.inputs) for e in self.graph.ensembles), default=1)
 
     @property
+    def score_widths(self) -> tuple[int, ...]:
+        return self.graph.score_widths
+
+    @property
     def score_cols(self) -> int:
-        return sum(len(e.inputs) for e in self.graph.ensembles)
+        """Columns of all score tensors together (each score once, however many ensembles read it)."""
+        return sum(self.score_widths)
+
+    @property
+    def score_offsets(self) -> tuple[int, ...]:
+        """First column of each score tensor ``s[j]`` (module docstring)."""
+        w = self.score_widths
+        return tuple(sum(w[:j]) for j in range(len(w)))
 
     def tables(self, T: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """The kernel's (int32, ``dtype``) tables on ``device`` (module docstring); cached."""
@@ -100,16 +115,18 @@ def _encode(key: int) -> EncodedGraph:
     graph = graph_by_key(key)
     ens = graph.ensembles
     width = max((len(e.inputs) for e in ens), default=1)
-    inputs = [i for e in ens for i in (*e.inputs, *[0] * (width - len(e.inputs)))] or [0] * width
-    cols = [sum(len(e.inputs) for e in ens[:k]) for k in range(len(ens))] or [0]
-    widths = [len(e.inputs) for e in ens] or [0]
+    inputs = [i for e in ens for i in (*e.inputs, *[0] * (width - len(e.inputs)))]
+    swidths = graph.score_widths
+    cols = [-1 if e.score is None else sum(swidths[:e.score]) for e in ens]
+    widths = [len(e.inputs) for e in ens]
+    writes = [int(e.score is not None and all(f.score != e.score for f in ens[:k])) for k, e in enumerate(ens)]
     a_w, a_t, a_s = mixing_matrices(graph)
     mode = TEACHER_NONE if not a_t.any() else TEACHER_SAME if torch.equal(a_t, a_w) else TEACHER_OWN
     return EncodedGraph(
         graph=graph, ce_weights=tuple(float(graph.ce_nodes.count(n)) for n in range(graph.num_nodes)),
         mix=(a_w, a_t, a_s), teacher_mode=mode,
         rows_w=_sparse_rows(a_w), rows_t=_sparse_rows(a_t), rows_s=_sparse_rows(a_s),
-        ens_table=tuple(inputs + cols + widths))
+        ens_table=tuple(inputs + cols + widths + writes) or (0,))
 
 
 def encode(graph: DistillGraph | int) -> EncodedGraph:
@@ -117,8 +134,30 @@ def encode(graph: DistillGraph | int) -> EncodedGraph:
     return _encode(graph if isinstance(graph, int) else graph.key)
 
 
+@dataclass(frozen=True)
+class GradLayout:
+    """The fused op's gradients in one flat buffer of the math dtype: branch i's ``B x K`` at ``i * B * K``,
+    then score j's ``B x w_j`` at ``M * B * K + B * score_offsets[j]`` (the module docstring)."""
+
+    shapes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, enc: EncodedGraph, B: int, K: int) -> GradLayout:
+        return cls(((B, K),) * enc.num_branches + tuple((B, w) for w in enc.score_widths))
+
+    @property
+    def numel(self) -> int:
+        return sum(b * k for b, k in self.shapes)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Each input's gradient, a view of ``flat``."""
+        parts = flat.split_with_sizes([b * k for b, k in self.shapes])
+        return [p.view(shape) for p, shape in zip(parts, self.shapes)]
+
+
 def score_matrix(s: Sequence[Tensor], graph: DistillGraph, like: Tensor) -> Tensor:
-    """The ``B x S`` score matrix the fused op reads (module docstring); ``B x 0`` without ensembles."""
+    """The ``B x S`` concatenation of the score tensors in ensemble order (equal-weight ensembles: zero
+    columns, softmax(0) = 1/n), as ``analytic.okd_analytic`` reads them; ``B x 0`` without ensembles."""
     if not graph.ensembles:
         return like.new_zeros((like.shape[0], 0))
     order = [e.score for e in graph.ensembles]

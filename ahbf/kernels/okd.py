@@ -10,21 +10,23 @@ Public entry point: :func:`okd_loss`, the same call and return as ``okd_objectiv
 - ``"eager"``: the reference, ``okd_objective_reference`` (autograd through unfused PyTorch ops).
 - ``"auto"``: ``triton`` on CUDA for fp32/bf16/fp16 logits, up to 8 branches and ``eps = 0``, else ``compiled``.
 
-The fused backends run as one ``torch.library.custom_op`` (``ahbf::okd_fused``) whose forward
-returns the loss, its two logged terms, and the gradients of the loss w.r.t. every branch logit and
-the score matrix, kept in ``reference.grad_dtype`` (fp32, fp64 for fp64 inputs). Backward scales them by
-``grad_output`` in that dtype and only then rounds to the input dtype (``torch._foreach_mul``, plus one
-``torch._foreach_copy_`` for bf16 / fp16): an fp16 gradient rounded before AMP's loss scale (65536) is
-applied would flush small values to zero, and the scale itself is inf in fp16. The op is
-opaque to ``torch.compile``, so a compiled training step calls the kernel as is (``register_fake``
-gives shapes).
+The fused backends compute, in one forward, the loss, its two logged terms, and the gradients of the loss
+w.r.t. every branch logit and score tensor (one flat buffer, ``encoding.GradLayout``), kept in
+``reference.grad_dtype`` (fp32, fp64 for fp64 inputs). Backward scales them by ``grad_output`` in that
+dtype and only then rounds to the input dtype: an fp16 gradient rounded before AMP's loss scale (65536) is
+applied would flush small values to zero, and the scale itself is inf in fp16. Two entries run the same
+per-signature plan (``plan.py``: validation, backend choice, the Triton launcher and the reused buffers,
+decided on the first call of a signature): an eager call goes through :class:`_OkdFunction`, an
+``autograd.Function`` straight onto the plan (no dispatcher, no pytree; a few microseconds); a call that
+``torch.compile`` traces goes through one ``torch.library.custom_op`` (``ahbf::okd_fused``), opaque to
+the compiler (``register_fake`` gives shapes), so a compiled step calls the kernel as is.
 
 Inputs: non-contiguous logits or scores are copied to contiguous ones first; branches of mixed
 dtypes are promoted to a common dtype (both through autograd, so gradients flow back as usual).
-``kd_scale`` may be a float or a 0-dim tensor: it enters the op as a tensor, so changing it every
-epoch neither recompiles nor syncs; a ``kd_scale`` that requires grad gets ``grad * kd``. A float
-becomes a tensor of the logits' math dtype (float64 runs stay exact), made once per (value, device,
-dtype) and cached, so a training step with a per-epoch float launches no fill.
+``kd_scale`` may be a float or a 0-dim tensor: it enters the kernel as a tensor, so changing it every
+epoch neither recompiles nor syncs, and a device tensor filled in place is read by a CUDA-graph replay;
+a ``kd_scale`` that requires grad gets ``grad * kd``. A float becomes a tensor of the logits' math dtype
+(float64 runs stay exact), made once per value and plan, so a training step launches no fill.
 The gradients are constants of the forward: double backward (``create_graph=True``) is not supported.
 """
 from __future__ import annotations
@@ -36,121 +38,96 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .analytic import okd_analytic
-from .encoding import EncodedGraph, encode, score_matrix
-from .graph import DistillGraph
-from .reference import check_inputs, compute_dtype, grad_dtype, okd_objective_reference
+from .encoding import GradLayout
+from .graph import DistillGraph, graph_by_key
+from .plan import _PLANS, low_precision, plan_for, prepare, scale_grads, signature, validate
+from .reference import grad_dtype, okd_objective_reference
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what auto sends to triton (fp64: on request)
 
 
-# ---- the compiled analytic formulation, one per graph
+# ---- eager calls: an autograd.Function straight onto the plan (no dispatcher, no pytree)
 
-_COMPILED: dict[tuple[int, bool, float], object] = {}
+class _OkdFunction(torch.autograd.Function):
+    """The loss of a plan's forward; ``call = (plan, labels, kd, out, reuse_grads)``: ``ce`` and ``kd`` are
+    appended to ``out``. A ``kd_scale`` that requires grad comes last in ``zs`` too. Backward scales the
+    forward's gradients (``OkdPlan.scaled``)."""
+
+    @staticmethod
+    def forward(ctx, call, *zs):
+        plan, labels, kd, out, reuse = call
+        loss, ce, kdv, flat = plan.run(zs if len(zs) == plan.n_inputs else zs[:-1], labels, kd, True, reuse)
+        ctx.saved = plan, flat, kd, kdv, reuse  # holds flat: the plan's buffer stays this graph's until it is freed
+        out += ce, kdv
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, flat, kd, kdv, reuse = ctx.saved
+        grads = plan.scaled(flat, g, reuse)
+        if len(ctx.needs_input_grad) > plan.n_inputs + 1:  # kd_scale requires grad
+            return None, *grads, (g * kdv).reshape(kd.shape).to(g.dtype)
+        return None, *grads
 
 
-def _compiled_fn(enc: EncodedGraph, need_grad: bool, eps: float = 0.0):
-    """``torch.compile`` of the analytic formulation for one (cached) graph encoding.
-
-    All of these share one code object, so dynamo's per-function recompile limit (8 by default)
-    counts graphs x dtypes x need_grad x shape changes together; past it the op runs the same
-    formulation uncompiled (correct, slower) with a warning.
-    """
-    key = (enc.graph.key, need_grad, eps)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        # static shapes: a new batch shape compiles once more (the last batch, eval), but the training
-        # shape keeps its static kernels (dynamic ones measured ~15% slower on CPU)
-        fn = torch.compile(functools.partial(okd_analytic, enc=enc, need_grad=need_grad, eps=eps), dynamic=False)
-        _COMPILED[key] = fn
-    return fn
-
-
-# ---- the custom op
+# ---- traced calls (torch.compile): one custom op, opaque to the compiler
 
 @torch.library.custom_op("ahbf::okd_fused", mutates_args=())
-def okd_fused(z: list[Tensor], scores: Tensor, labels: Tensor, kd_scale: Tensor, graph_key: int, T: float,
+def okd_fused(z: list[Tensor], s: list[Tensor], labels: Tensor, kd_scale: Tensor, graph_key: int, T: float,
               impl: str, need_grad: bool, eps: float = 0.0) -> list[Tensor]:
-    """``[loss, terms, dz_0 .. dz_{M-1}, dscores]``, ``terms = [ce, kd]``; no dz / dscores without ``need_grad``.
+    """``[loss, ce, kd, gradients]`` (the gradients of every branch and score tensor in one flat tensor,
+    ``encoding.GradLayout``, only with ``need_grad``) for prepared inputs (``plan.prepare``).
 
     ``graph_key``: the graph's ``DistillGraph.key``. ``impl``: ``triton``, ``compiled`` or ``analytic`` (the
     uncompiled formulation, for debugging). ``eps``: the teacher-probability offset of the KL
     (``reference.kl_t``); the Triton kernel takes 0 only.
     """
-    enc = encode(graph_key)
-    if impl == "triton":
-        if eps:
-            raise ValueError(f"eps: the Triton kernel computes the exact KL (eps = 0), got {eps}")
-        from . import triton_okd  # lazily: importing ahbf.kernels must not need triton
-        loss, terms, dz, ds = triton_okd.okd_fused_triton(list(z), scores, labels, kd_scale.reshape(1), enc, T,
-                                                          need_grad)
-    else:
-        fn = (_compiled_fn(enc, need_grad, eps) if impl == "compiled" else
-              functools.partial(okd_analytic, enc=enc, need_grad=need_grad, eps=eps))
-        loss, ce, kd, dz, ds = fn(list(z), scores, labels, T, kd_scale.reshape(()))
-        terms = torch.stack([ce, kd])
-    return [loss, terms, *dz, ds] if need_grad else [loss, terms]
+    graph = graph_by_key(graph_key)
+    plan = plan_for(signature((*z, *s), labels, graph, T, impl, eps, need_grad), z, s, labels, graph, impl, T, eps,
+                    need_grad)
+    loss, ce, kd, grads = plan.run((*z, *s), labels, kd_scale)  # no autograd node to hold a reused buffer: a new one
+    return [loss, ce, kd, grads] if need_grad else [loss, ce, kd]
 
 
 @okd_fused.register_fake
-def _(z, scores, labels, kd_scale, graph_key, T, impl, need_grad, eps=0.0):
-    dt = compute_dtype(z[0])
-    out = [z[0].new_empty((), dtype=dt), z[0].new_empty((2,), dtype=dt)]
+def _(z, s, labels, kd_scale, graph_key, T, impl, need_grad, eps=0.0):
+    dt = grad_dtype(z[0].dtype)
+    out = [z[0].new_empty((), dtype=dt) for _ in range(3)]
     if not need_grad:
         return out
-    return out + [torch.empty_like(t, dtype=grad_dtype(t.dtype)) for t in (*z, scores)]
+    return out + [z[0].new_empty((sum(t.numel() for t in (*z, *s)),), dtype=dt)]
 
 
 def _setup_context(ctx, inputs, output):
-    kd_scale, need_grad = inputs[3], inputs[7]
+    z, s, kd_scale, need_grad = inputs[0], inputs[1], inputs[3], inputs[7]
     ctx.kd_needs_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
     ctx.kd_shape = kd_scale.shape
-    ctx.dtypes = [t.dtype for t in (*inputs[0], inputs[1])]  # what backward casts each gradient to, last
-    ctx.has_grads = need_grad
+    ctx.dtypes = [t.dtype for t in (*z, *s)]  # what backward casts each gradient to, last
+    ctx.low = low_precision(ctx.dtypes, grad_dtype(z[0].dtype))
+    ctx.layout = GradLayout(tuple(tuple(t.shape) for t in (*z, *s)))
+    ctx.M, ctx.has_grads = len(z), need_grad
     ctx.set_materialize_grads(False)          # only the loss is differentiable: no zero-filled grads for the rest
     ctx.mark_non_differentiable(*output[1:])
     if need_grad:
-        ctx.save_for_backward(*output[2:], output[1])
+        ctx.save_for_backward(output[3], output[2])
 
 
 def _backward(ctx, grads):
     if not ctx.has_grads:
         raise RuntimeError("ahbf::okd_fused ran with need_grad=False; call it with need_grad=True to backprop")
     g = grads[0]
-    *saved, terms = ctx.saved_tensors                   # the gradients, in the math dtype (fp32 / fp64)
-    scaled = list(torch._foreach_mul(saved, g))       # scale first, in fp32 / fp64 (g's dtype too) ...
-    low = [i for i, dt in enumerate(ctx.dtypes) if dt != scaled[i].dtype]
-    if low:                                             # ... then cast, once, to the input dtypes
-        cast = [torch.empty_like(scaled[i], dtype=ctx.dtypes[i]) for i in low]
-        torch._foreach_copy_(cast, [scaled[i] for i in low])
-        for i, c in zip(low, cast):
-            scaled[i] = c
-    dkd = (g * terms[1]).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
-    return scaled[:-1], scaled[-1], None, dkd, None, None, None, None, None
+    flat, kd = ctx.saved_tensors                       # the gradients, in the math dtype (fp32 / fp64)
+    scaled = scale_grads(ctx.layout.views(flat), g, ctx.dtypes, ctx.low)
+    dkd = (g * kd).reshape(ctx.kd_shape).to(g.dtype) if ctx.kd_needs_grad else None
+    return list(scaled[:ctx.M]), list(scaled[ctx.M:]), None, dkd, None, None, None, None, None
 
 
 okd_fused.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public entry point
-
-_KD_TENSORS: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}
-
-
-def _kd_tensor(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A Python-float ``kd_scale`` as a 0-dim tensor of the math dtype; cached (a fill once per epoch value)."""
-    if torch.compiler.is_compiling():  # traced code: a constant of the graph
-        return torch.full((), value, dtype=dtype, device=device)
-    key = (value, device, dtype)
-    t = _KD_TENSORS.get(key)
-    if t is None:
-        if len(_KD_TENSORS) >= 256:
-            _KD_TENSORS.clear()
-        t = _KD_TENSORS[key] = torch.full((), value, dtype=dtype, device=device)
-    return t
-
 
 def triton_max_branches() -> int:
     """The Triton kernel's branch slots (imports triton: call it only where ``TRITON_AVAILABLE``)."""
@@ -159,19 +136,38 @@ def triton_max_branches() -> int:
     return MAX_BRANCHES
 
 
-def choose_backend(backend: str, z: Sequence[Tensor], eps: float = 0.0) -> str:
-    """The backend ``okd_loss`` runs for ``backend``, branch logits ``z`` and KL offset ``eps`` (Triton: 0 only)."""
+def choose_backend(backend: str, z: Sequence[Tensor], eps: float = 0.0, graph: DistillGraph | None = None) -> str:
+    """The backend ``okd_loss`` runs for ``backend``, branch logits ``z`` and KL offset ``eps`` (Triton: 0 only);
+    ``auto`` also checks the graph's ensembles against the kernel's slots when ``graph`` is given."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         fits = z[0].is_cuda and z[0].dtype in _TRITON_DTYPES and not eps and TRITON_AVAILABLE
-        return "triton" if fits and len(z) <= triton_max_branches() else "compiled"
+        if fits:
+            slots = triton_max_branches()
+            fits = len(z) <= slots and (graph is None or len(graph.ensembles) <= slots)
+        return "triton" if fits else "compiled"
     return backend
 
 
+def _implementation(z: Sequence[Tensor], backend: str, graph: DistillGraph, eps: float) -> str:
+    """The implementation a validated call runs (not ``eager``), or a one-line error."""
+    impl = choose_backend(backend, z, eps, graph)
+    if impl == "triton":
+        if eps:
+            raise ValueError(f"eps: backend 'triton' computes the exact KL (eps = 0), got eps = {eps}; "
+                             "use backend 'compiled' or 'auto'")
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
+        dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])  # what prepare promotes to
+        if dtype not in (*_TRITON_DTYPES, torch.float64):
+            raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16/fp64, got {z[0].dtype}")
+    return impl
+
+
 def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: DistillGraph, T: float = 3.0,
-             kd_scale: float | Tensor = 1.0, backend: str = "auto",
-             eps: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+             kd_scale: float | Tensor = 1.0, backend: str = "auto", eps: float = 0.0,
+             reuse_grads: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """The OKD objective (SPEC 4): ``(loss, {"ce": ..., "kd": ...})`` with ``loss = ce + kd_scale * kd``.
 
     Same arguments and result as ``okd_objective_reference``; ``backend`` picks the implementation
@@ -179,36 +175,52 @@ def okd_loss(z: Sequence[Tensor], s: Sequence[Tensor], labels: Tensor, graph: Di
     if autograd needs them. ``eps``: the teacher-probability offset of the public code's KL
     (``reference.kl_t``; 0 = exact); eager and compiled take any eps >= 0, ``auto`` runs compiled when
     eps != 0, and ``triton`` raises.
+
+    ``reuse_grads``: backward returns the gradients, and the forward ``ce`` and ``kd``, in buffers that the
+    next call of the same signature overwrites (Triton backend; the gradients when the inputs have one
+    dtype; saves allocating them every step). For callers whose gradients flow straight into other
+    autograd nodes and who read the terms at once, as the training step does; a caller that keeps such a
+    tensor, or a view of it, past the next call must clone it (one held directly is detected and not
+    overwritten).
     """
-    if len(labels) == 0:
-        raise ValueError("okd_loss: empty batch (0 samples); the mean over samples is undefined")
-    check_inputs(z, s, labels, graph)
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a number >= 0, got {eps}")
-    backend = choose_backend(backend, z, eps)
+    if backend == "eager" or torch.compiler.is_dynamo_compiling():  # (reuse_grads: the custom op allocates)
+        return _checked_call(z, s, labels, graph, T, kd_scale, backend, eps)
+    kd_grad = isinstance(kd_scale, Tensor) and kd_scale.requires_grad
+    try:
+        zs = (*z, *s)
+        need_grad = torch.is_grad_enabled() and (zs[0].requires_grad or kd_grad or any(t.requires_grad for t in zs))
+        key = signature(zs, labels, graph, T, backend, eps, need_grad)
+    except (IndexError, AttributeError, TypeError):  # not tensors, or none: the checks say what is wrong
+        validate(z, s, labels, graph, eps)
+        raise
+    plan = _PLANS.get(key)
+    if plan is None:
+        validate(z, s, labels, graph, eps)
+        plan = plan_for(key, z, s, labels, graph, _implementation(z, backend, graph, eps), T, eps, need_grad)
+    if plan.needs_prepare:
+        z, s, labels = prepare(z, s, labels, plan.impl)
+        zs = (*z, *s)
+    kd = plan.kd_tensor(kd_scale)
+    if not need_grad:
+        loss, ce, kdv, _ = plan.run(zs, labels, kd)
+        return loss, {"ce": ce, "kd": kdv}
+    out: list[Tensor] = []
+    call = (plan, labels, kd, out, reuse_grads)
+    loss = _OkdFunction.apply(call, *zs, kd) if kd_grad else _OkdFunction.apply(call, *zs)
+    return loss, {"ce": out[0], "kd": out[1]}
+
+
+def _checked_call(z, s, labels, graph, T, kd_scale, backend, eps):
+    """The eager reference, or the custom op where torch.compile traces the call: every check on every call."""
+    validate(z, s, labels, graph, eps)
     if backend == "eager":
         return okd_objective_reference(z, s, labels, graph, T, kd_scale, eps)
-    if backend == "triton" and eps:
-        raise ValueError(f"eps: backend 'triton' computes the exact KL (eps = 0), got eps = {eps}; "
-                         "use backend 'compiled' or 'auto'")
-    if any(zi.dtype != z[0].dtype for zi in z):
-        dtype = functools.reduce(torch.promote_types, [zi.dtype for zi in z])
-        z = [zi.to(dtype) for zi in z]
-    if backend == "triton":
-        if not TRITON_AVAILABLE:
-            raise RuntimeError("backend 'triton' needs the triton package; use backend='compiled'")
-        if z[0].dtype not in (*_TRITON_DTYPES, torch.float64):
-            raise ValueError(f"logits: backend 'triton' takes fp32/bf16/fp16/fp64, got {z[0].dtype}")
-    z = [zi.contiguous() for zi in z]  # a copy only where a branch is not contiguous
-    if labels.device != z[0].device:
-        raise ValueError(f"labels: on {labels.device}, the logits on {z[0].device}")
-    labels = labels.long().contiguous()  # the kernel reads labels with stride 1
-    scores = score_matrix(s, graph, z[0]).contiguous()
-    if not isinstance(kd_scale, Tensor):
-        kd_scale = _kd_tensor(float(kd_scale), z[0].device, compute_dtype(z[0]))
+    impl = _implementation(z, backend, graph, eps)
+    z, s, labels = prepare(z, s, labels, impl)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*z, *s, kd_scale) if isinstance(t, Tensor))
+    if not isinstance(kd_scale, Tensor):  # traced code: a constant of the graph
+        kd_scale = torch.full((), float(kd_scale), dtype=grad_dtype(z[0].dtype), device=z[0].device)
     elif kd_scale.device != z[0].device:
         kd_scale = kd_scale.to(z[0].device)  # one small copy: keep kd_scale on the logits' device
-    need_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (*z, scores)) or kd_scale.requires_grad)
-    out = okd_fused(z, scores, labels, kd_scale, graph.key, float(T), backend, need_grad, float(eps))
-    terms = out[1].detach()
-    return out[0], {"ce": terms[0], "kd": terms[1]}
+    out = okd_fused(z, s, labels, kd_scale, graph.key, float(T), impl, need_grad, float(eps))
+    return out[0], {"ce": out[1].detach(), "kd": out[2].detach()}
