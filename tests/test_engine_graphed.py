@@ -16,7 +16,7 @@ from ahbf.engine.resolve import resolve_objective
 from ahbf.engine.run import build_run
 from ahbf.engine.task import OKDTask
 from ahbf.methods import build_graph
-from ahbf.models.resnet import BranchOutput
+from ahbf.models.branched import BranchOutput
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
 
