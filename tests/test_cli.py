@@ -141,8 +141,8 @@ def test_a_prefix_of_a_flag_is_not_accepted(capsys):
 
 
 @pytest.mark.parametrize("rank, printed", [("0", True), ("3", False)])
-def test_a_config_error_under_torchrun_is_printed_by_rank_0_only(capsys, monkeypatch, rank, printed):
-    monkeypatch.setenv("RANK", rank)
+def test_a_config_error_under_torchrun_is_printed_once_per_node(capsys, monkeypatch, rank, printed):
+    monkeypatch.setenv("LOCAL_RANK", rank)
     assert train_main(["optim.lrr=0.05"]) == 2
     err = capsys.readouterr().err
     assert ("unknown config key 'optim.lrr'" in err) is printed and (err == "") is not printed

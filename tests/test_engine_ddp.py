@@ -70,3 +70,31 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
     (tmp_path / "steps").mkdir()
     torch.multiprocessing.spawn(_resume_rank, args=(free_port(), str(out), str(tmp_path / "steps")), nprocs=2)
     assert [(tmp_path / "steps" / r).read_text() for r in "01"] == ["8", "8"]
+
+
+def _first_rank(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import time
+
+    from ahbf.engine import distributed
+
+    env = distributed.setup("cpu", 60)
+    try:
+        with distributed.local_main_first(env):
+            if rank == 0:
+                time.sleep(1.0)  # a slow download
+                with open(os.path.join(folder, "archive"), "w") as f:
+                    f.write("done")
+            else:  # rank 1 starts only once local rank 0 has finished
+                with open(os.path.join(folder, "seen"), "w") as f:
+                    f.write(open(os.path.join(folder, "archive")).read())
+    finally:
+        distributed.teardown()
+
+
+def test_local_rank_0_downloads_first(tmp_path):
+    """``--download`` under torchrun: one download per node, the other ranks find its files (no race with the
+    clean-up of a failed download)."""
+    torch.multiprocessing.spawn(_first_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "seen").read_text() == "done"

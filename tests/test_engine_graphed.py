@@ -21,11 +21,11 @@ from ahbf.models.branched import BranchOutput
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
 
 
-def tiny_run(cuda_graph: bool, backend: str):
+def tiny_run(cuda_graph: bool, backend: str, precision: str = "fp32"):
     cfg = build_config(overrides=[
         ("data.dataset", "synthetic"), ("data.synthetic_samples", 20), ("data.image_size", 8), ("data.batch_size", 8),
         ("data.val_fraction", 0), ("model.arch", "resnet8"), ("model.num_branches", 3), ("train.epochs", 3),
-        ("train.precision", "fp32"), ("train.threads", 1), ("objective.backend", backend),
+        ("train.precision", precision), ("train.threads", 1), ("objective.backend", backend),
         ("objective.rampup", 2), ("schedule.warmup_epochs", 1), ("train.cuda_graph", cuda_graph)])
     return build_run(cfg, CPU)
 
@@ -43,12 +43,13 @@ def train(run) -> tuple[dict[str, torch.Tensor], list[float]]:
     return {k: v.clone() for k, v in run.model.state_dict().items()}, losses
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
-def test_static_buffer_step_gives_bitwise_the_plain_steps_weights(backend):
+@pytest.mark.parametrize("backend, precision", [("triton", "fp32"), ("eager", "fp32"), ("compiled", "fp64")])
+def test_static_buffer_step_gives_bitwise_the_plain_steps_weights(backend, precision):
     """20 samples in batches of 8: two full batches per epoch through the graphed-style step (static inputs,
     lr and kd_scale as tensors filled in place), the last one of 4 through its eager fallback; the KD ramp
-    and the warm-up lr change every epoch / step. Same weights and losses, bit for bit."""
-    plain, graphed = tiny_run(False, backend), tiny_run(True, backend)
+    and the warm-up lr change every epoch / step. Same weights and losses, bit for bit (fp64 too: kd_scale is a
+    float64 tensor there, as the plain step's)."""
+    plain, graphed = tiny_run(False, backend, precision), tiny_run(True, backend, precision)
     assert plain.graphed is None and isinstance(graphed.graphed, GraphedStep) and not graphed.graphed.capture
     assert isinstance(graphed.amp.optimizer.param_groups[0]["lr"], torch.Tensor)
     assert any("uncaptured" in note for note in graphed.notes)

@@ -168,9 +168,10 @@ def test_redirected_log_has_plain_step_lines_and_no_control_codes(tmp_path):
                r"\d+ img/s  data \d+%  ETA \d+:\d\d:\d\d")
     assert re.fullmatch(pattern, steps[0]), steps[0]
     assert re.search(r"epoch   1/1  loss .* img/s \(data \d+%\)  \| val loss \d+\.\d{4}  \| val top-1: branch0 ", text)
-    for expected in ("run folder: " + str(tmp_path / "run"), "deployed", "world size 1", "compile off", "threads",
+    for expected in ("run folder: " + str(tmp_path / "run"), "deployed", "world size 1", "compile off",
                      "58 train / 6 val / 16 test", "in-memory tensors"):
         assert expected in text, expected
+    assert re.search(r", \d+ threads? \((OMP_NUM_THREADS|\d+ usable cores)", text)  # how many, and where from
 
 
 def test_bars_only_on_a_terminal(monkeypatch):
@@ -384,3 +385,27 @@ def test_a_failed_run_does_not_repoint_latest(tmp_path, monkeypatch, capsys):
     assert os.readlink("runs/latest") == "good"
     assert train_main([*TINY, "--no-progress", "--name", "good2"]) == 0
     assert os.readlink("runs/latest") == "good2"
+
+
+def test_eval_in_another_precision_than_training(runs_dir, capsys):
+    """The images follow the precision: an fp32 run evaluated in fp64 (float64 weights and images)."""
+    _, first, _, _ = runs_dir
+    assert eval_main([str(first / "last.pt"), "--precision", "fp32"]) == 0
+    fp32 = capsys.readouterr().out
+    assert eval_main([str(first / "last.pt"), "--precision", "fp64"]) == 0
+    fp64 = capsys.readouterr().out
+    assert "fp64" in fp64 and fp64.split("fp64")[1].split("\n")[2] == fp32.split("fp32")[1].split("\n")[2]  # same top-1
+
+
+def test_a_recorded_config_chooses_the_machine_again(monkeypatch):
+    """A GPU run's config.yaml (triton objective, cuda device) continued or evaluated on a CPU box."""
+    from ahbf.engine.resolve import rechoose_machine
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recorded = RunConfig().replace(train={"device": "cuda", "threads": 8}, objective={"backend": "triton"},
+                                   data={"backend": "dali"})
+    cfg = rechoose_machine(recorded)
+    assert (cfg.train.device, cfg.train.threads, cfg.data.backend, cfg.objective.backend) == ("auto", 0, "auto", "auto")
+    kept = rechoose_machine(RunConfig().replace(objective={"backend": "eager"}))
+    assert kept.objective.backend == "eager"  # an explicit choice that runs here stays

@@ -144,27 +144,24 @@ def _parse_train_args(argv: list[str] | None) -> tuple[RunConfig, str]:
     return _continued(t.resume, args.config, overrides), ""
 
 
-# what a machine decides for itself: a run continued elsewhere chooses again (config.yaml records this machine's)
-MACHINE = {"train": {"device": "auto", "threads": 0}, "data": {"backend": "auto"}}
-
-
 def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) -> RunConfig:
     """``--resume <run folder | checkpoint>`` without ``-o`` / ``--name``: the run's recorded config, then the
-    files and flags given, continued in the run's folder; every value they change is listed (the resume then
-    refuses changes that make it another run, as ``--resume auto`` does)."""
+    files and flags given, continued in the run's folder; every value they change is listed (a folder then
+    refuses changes that make it another run, as ``--resume auto`` does; a checkpoint file notes them)."""
     from .checkpoint import load_checkpoint
-    from .config import config_from_dict, load_yaml, merge_dict
+    from .config import config_from_dict, load_yaml
+    from .resolve import rechoose_machine
     from .rundir import continued_run
 
     folder, resume, recorded_file = continued_run(path)
     recorded = load_yaml(recorded_file) if recorded_file else load_checkpoint(path).get("config") or {}
-    base = merge_dict(config_from_dict(recorded), MACHINE, source="machine")
+    base = rechoose_machine(config_from_dict(recorded))  # config.yaml records the first machine's choices
     cfg = build_config(files, [(k, v) for k, v in overrides if k != "train.resume"], base=base)
     cfg = cfg.replace(train={"output": folder, "name": "", "resume": resume})
     old, new = base.to_dict(), cfg.to_dict()
     changed = [f"{s}.{k} {old[s][k]!r} -> {v!r}" for s in new for k, v in new[s].items()
                if k not in ("output", "name", "resume") and old[s].get(k) != v]
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"continuing {folder} with its recorded config ({recorded_file or path})"
               + (f"; changed by the command line: {', '.join(changed)}" if changed else ""))
     return cfg
@@ -172,8 +169,8 @@ def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) ->
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:
     """The CLI boundary: known kinds of bad input -> one line on stderr and exit status 2. Under torchrun a
-    config error and a non-finite loss (the same on every rank) are printed by rank 0 only; other errors (a
-    rank's own bad image) and a stop by each rank."""
+    config error and a non-finite loss are printed once per node (local rank 0); other errors (a rank's own
+    bad image) and a stop by each rank."""
     try:
         fn()
     except Preempted as err:  # a stop signal: the checkpoint of the last finished step is written
@@ -205,8 +202,9 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
 
 
 def _say(line: str, every_rank: bool = False) -> None:
-    """A final line on stderr; under torchrun from rank 0 only unless ``every_rank``."""
-    if every_rank or os.environ.get("RANK", "0") == "0":
+    """A final line on stderr; under torchrun once per node (local rank 0) unless ``every_rank``: a config error
+    (a missing plugin or file) may be one node's alone."""
+    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
         print(line, file=sys.stderr)
 
 

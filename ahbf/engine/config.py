@@ -113,7 +113,7 @@ class TrainConfig:
     name: str = ""
     """run name: the output folder is runs/<name> (wins over train.output; config.yaml records the folder as train.output)"""
     resume: str = ""
-    """resume from: auto (= <output>/last.pt if it exists, else the previous good one), a run folder or a checkpoint (without -o / --name: continue that run in its folder with its recorded config; the flags given are listed and may change only what --resume auto allows)"""
+    """resume from: auto (= <output>/last.pt if it exists, else the previous good one), a run folder or a checkpoint (without -o / --name: continue that run in its folder with its recorded config; the flags given are listed; a folder refuses changes that make it another run, as auto does, a checkpoint file continues with them, noted)"""
     seed: int = 0
     """random seed of the model initialisation (the data streams use data.seed)"""
     device: str = "auto"

@@ -1,11 +1,12 @@
 """Process-group set-up for ``torchrun`` (env://): NCCL on CUDA, Gloo on CPU; global rank everywhere."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -155,6 +156,19 @@ def all_gather(obj: Any) -> list[Any]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier(group=_CONTROL.get("group"))
+
+
+@contextlib.contextmanager
+def local_main_first(env: DistEnv, enabled: bool = True) -> Iterator[None]:
+    """Local rank 0 of every node runs the block first (a download), the other ranks after it has finished
+    (they find the files). Every rank passes one barrier. A failure on local rank 0 leaves the others at the
+    barrier until the process group's timeout, so only what every rank needs first goes here."""
+    first = not (enabled and env.distributed) or env.local_rank == 0
+    if not first:
+        barrier()
+    yield
+    if first and enabled and env.distributed:
+        barrier()
 
 
 def local_world_size() -> int:

@@ -80,6 +80,17 @@ def atomic_write(path: str, write: Callable[[str], None], keep: bool = False) ->
     return tmp
 
 
+def write_text(path: str, text: str) -> None:
+    """A small text file (config.yaml, results.json) written atomically and fsynced: never empty or cut short."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
 def save_synced(obj: Any, tmp: str) -> None:
     with open(tmp, "wb") as f:
         sink = _Sink(f)

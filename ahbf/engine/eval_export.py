@@ -1,6 +1,7 @@
 """``ahbf-eval`` and ``ahbf-export``: a checkpoint -> a test-set table, or a plain target state dict."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -8,16 +9,16 @@ from typing import Any
 import torch
 
 from ..evaluation import evaluate, format_table
-from ..methods import build_graph
+from ..methods import build_graph, get_method
 from ..models import backbones, create_model, get_arch, target_state_dict
 from ..pipelines import build_data, no_test_set_note
 from .checkpoint import check_spec, describe, load_checkpoint, load_weights
-from .durable import atomic_save
+from .durable import atomic_save, write_text
 from .checks import validate
 from .config import config_from_dict, set_value
 from .distributed import resolve_device
 from .precision import AmpStepper, param_dtype, resolve_precision
-from .resolve import resolve_objective
+from .resolve import image_dtype, rechoose_machine, resolve_objective
 from .task import OKDTask
 
 
@@ -42,25 +43,26 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     # the training machine's choices (config.yaml records them resolved) need not exist here: choose again
     # no up-front scan of every image (for ImageNet: 1.28M training files to evaluate 50k); a bad image is
     # still a one-line error naming it when it is decoded. `data.check_images=...` overrides this.
-    cfg = cfg.replace(train={"device": "auto"}, data={"backend": "auto", "check_images": "none"})
+    cfg = rechoose_machine(cfg).replace(data={"check_images": "none"})
     for key, value in overrides:
         cfg = set_value(cfg, key, value)
     cfg = validate(cfg)
     device = resolve_device(cfg.train.device)
-    data = build_data(cfg.data, device=device)
+    precision = resolve_precision(cfg.train.precision, device)
+    data = build_data(dataclasses.replace(cfg.data, dtype=image_dtype(precision, cfg.data.dtype)), device=device)
     loader = data.test if split == "test" else data.val
     if loader is None:
         raise ValueError(f"the checkpoint's data config has no {split} split (data.val_fraction = 0)")
     spec = ckpt["spec"]
     if data.num_classes != spec["num_classes"]:
         check_spec(spec, {**spec, "num_classes": data.num_classes}, path)
-    precision = resolve_precision(cfg.train.precision, device)
     model = model_from_checkpoint(ckpt, device, path).to(param_dtype(precision))
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = AmpStepper(torch.optim.SGD(model.parameters(), lr=0.0), model.parameters(), device, precision)
     objective = resolve_objective(cfg.objective, spec["method"], cfg.train.epochs)
-    task = OKDTask(model, build_graph(spec["method"], spec["num_branches"], objective), objective, amp.autocast)
+    method = get_method(spec["method"])
+    task = OKDTask(model, build_graph(method, spec["num_branches"], objective), objective, amp.autocast, method=method)
     metrics = evaluate(task.predict, loader, task.node_names, device=device)
     stand_in = no_test_set_note(cfg.data) if split == "test" else ""  # a folder without test/: the val split
     print(format_table(metrics, f"{path}: {describe(spec)}, epoch {ckpt.get('epoch')}, {cfg.data.dataset} {split} "
@@ -68,9 +70,7 @@ def run_eval(path: str, split: str = "test", overrides: list[tuple[str, Any]] = 
     if json_path:
         info = {"checkpoint": path, "epoch": ckpt.get("epoch"), "spec": dict(spec), "dataset": cfg.data.dataset,
                 "split": split, "precision": precision}
-        with open(json_path, "w") as f:
-            json.dump(as_json(metrics, info), f, indent=1)
-            f.write("\n")
+        write_text(json_path, json.dumps(as_json(metrics, info), indent=1) + "\n")
         other = "val" if split == "test" else "test"
         print(f"wrote {json_path}: the {split} split ('split' in the file; --split {other} for the {other} split)")
     return metrics

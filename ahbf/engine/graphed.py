@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..kernels import plan
+
 WARMUP = 2  # eager steps on the side stream before the capture
 
 
@@ -67,8 +69,9 @@ class GraphedStep:
     step, uncaptured); ``note``: where the one-line notes go."""
 
     def __init__(self, step: Callable[[Tensor, Tensor], dict[str, Tensor]], device: torch.device, capture: bool,
-                 note: Callable[[str], None] = print):
-        self.step, self.device, self.capture, self.note = step, device, capture, note
+                 note: Callable[[str], None] = print, reset: Callable[[], None] = lambda: None):
+        self.step, self.device, self.capture, self.note, self.reset = step, device, capture, note, reset
+        self.pinned: list = []  # the objective's plans at capture: their buffers live as long as the graph
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.graph = None
@@ -99,11 +102,14 @@ class GraphedStep:
         try:
             with torch.cuda.graph(graph, stream=self.stream):
                 terms = self.step(self.x, self.y)
-        except RuntimeError as err:  # an operation that cannot be captured: nothing ran, run the step eagerly
+        except RuntimeError as err:  # an operation that cannot be captured: best effort, the step runs eagerly
             self.note(f"train.cuda_graph: capture failed ({str(err).splitlines()[0]}): the eager step runs")
             self.capture = False
+            torch.cuda.synchronize(self.device)
+            self.reset()  # gradients the failed capture may have left in the graph's memory pool
             return self.step(self.x, self.y)
         self.graph, self.terms = graph, {k: v.detach() for k, v in terms.items()}  # static outputs
+        self.pinned = plan.pinned()  # a full plan cache is cleared; a replay must keep writing to live buffers
         graph.replay()
         return self.terms
 

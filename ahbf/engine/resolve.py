@@ -9,12 +9,14 @@ Two phases: ``resolve`` (``build_run``, or the CLI before ``build_resolved``) an
 - ``record_built`` (after the data and the optimiser are built): what they chose inside (the data
   backend, image size and image check, the SGD implementation, the objective backend ``okd_loss`` picks).
 
-Configs are immutable: each phase returns a new one, and ``Run.cfg`` is the last. Machine-dependent values
-(device, data backend, threads) are reset to ``auto`` by ``ahbf-eval``.
+Configs are immutable: each phase returns a new one, and ``Run.cfg`` is the last. A recorded config used on
+another machine (``ahbf-eval``, ``--resume <run folder>``) chooses again what the machine decides
+(``rechoose_machine``).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import torch
@@ -40,14 +42,32 @@ def resolve(cfg: RunConfig, env: DistEnv) -> RunConfig:
 def resolve_values(cfg: RunConfig, env: DistEnv) -> RunConfig:
     """SPEC defaults, precision, threads; ``ConfigError`` for what cannot run here (no files, no collectives)."""
     precision = resolve_precision(cfg.train.precision, env.device)
-    cfg = method_defaults(cfg).replace(train={"precision": precision, "threads": cfg.train.threads or default_threads()})
-    if precision == "fp64":  # float64 weights need float64 images
-        cfg = cfg.replace(data={"dtype": "float64"})
+    cfg = method_defaults(cfg).replace(train={"precision": precision, "threads": cfg.train.threads or default_threads()},
+                                       data={"dtype": image_dtype(precision, cfg.data.dtype)})
     if cfg.objective.backend == "triton" and env.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"objective.backend=triton needs a CUDA device (this run is on {env.device}); "
                           "use compiled or eager")
     peak_lr(cfg, env.world_size)  # checks schedule.min_lr against the lr the schedule will really use
     return cfg
+
+
+def image_dtype(precision: str, dtype: str) -> str:
+    """``data.dtype`` for a resolved precision: float64 images for fp64 weights; otherwise the configured dtype,
+    but never float64 (a recorded fp64 run evaluated or continued in fp32)."""
+    if precision == "fp64":
+        return "float64"
+    return "float32" if dtype == "float64" else dtype
+
+
+def rechoose_machine(cfg: RunConfig) -> RunConfig:
+    """A recorded (resolved) config on another machine: device, threads and the data backend are chosen again,
+    and an objective backend or SGD implementation this machine lacks (Triton without CUDA, apex) goes back to
+    ``auto``; a choice that runs here (e.g. an explicit eager objective) is kept."""
+    triton_here = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    objective = "auto" if cfg.objective.backend == "triton" and not triton_here else cfg.objective.backend
+    impl = "auto" if cfg.optim.impl == "apex" and importlib.util.find_spec("apex") is None else cfg.optim.impl
+    return cfg.replace(train={"device": "auto", "threads": 0}, data={"backend": "auto"},
+                       objective={"backend": objective}, optim={"impl": impl})
 
 
 def method_defaults(cfg: RunConfig) -> RunConfig:

@@ -27,7 +27,7 @@ from ..models import create_model
 from ..pipelines import DataBundle, build_data
 from .compile import compile_model
 from .config import ConfigError, RunConfig
-from .distributed import DistEnv, convert_sync_batchnorm, set_threads
+from .distributed import DistEnv, convert_sync_batchnorm, local_main_first, set_threads
 from .graphed import GraphedStep, capture_blockers, lr_on_device
 from .optim import build_optimizer
 from .precision import AmpStepper, check_cpu_bf16_convs, param_dtype
@@ -120,7 +120,8 @@ def build_resolved(cfg: RunConfig, env: DistEnv, data: DataBundle | None = None,
     set_threads(t.threads)  # before any work
     configure_determinism(t.deterministic)
     if data is None:
-        data = build_data(cfg.data, rank=env.rank, world_size=env.world_size, device=env.device)
+        with local_main_first(env, enabled=cfg.data.download):  # one download per node, not one per rank
+            data = build_data(cfg.data, rank=env.rank, world_size=env.world_size, device=env.device)
     notes: list[str] = input_notes(cfg, data, env)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -156,5 +157,6 @@ def graphed_step(run: Run) -> GraphedStep | None:
     if blockers:
         run.notes.append(f"train.cuda_graph: {blockers[0]}")
     lr_on_device(run.amp.optimizer, env.device)
-    run.task.kd_on_device(env.device)
-    return GraphedStep(run.eager_step, env.device, capture=not blockers, note=run.notes.append)
+    run.task.kd_on_device(env.device, param_dtype(t.precision))
+    return GraphedStep(run.eager_step, env.device, capture=not blockers, note=run.notes.append,
+                       reset=lambda: run.amp.optimizer.zero_grad(set_to_none=True))

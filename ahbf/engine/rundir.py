@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 from .checkpoint import newest_first, remove_temporaries
 from .distributed import DistEnv, all_gather, any_rank
+from .durable import write_text
 
 RUNS = "runs"
 
@@ -318,8 +319,7 @@ class RunFolder:
         """Rank 0: ``config.yaml`` and, for a folder named with --name or automatically, ``runs/latest``."""
         if self.env.is_main:
             os.makedirs(self.output, exist_ok=True)
-            with open(self.path("config.yaml"), "w") as f:
-                f.write(text)
+            write_text(self.path("config.yaml"), text)  # --resume <run folder> reads it back
             if link:
                 self.previous_latest = link_latest(self.output)
 

@@ -22,6 +22,7 @@ from ..evaluation import format_table
 from ..models.summary import count_parameters
 from ..pipelines import no_test_set_note
 from .distributed import busy_hint, threads_origin
+from .durable import write_text
 from .plots import plot_curves
 from .recipes import describe as describe_recipe
 
@@ -192,8 +193,7 @@ def write_report(cfg, summary: dict[str, Any], history: list[dict[str, Any]], ep
     info(f"last epoch: target test top-1 {summary['test_last'][TARGET]['top1']:.2f}%")
     info(f"TARGET ({TARGET}) TEST TOP-1: {results[TARGET]['top1']:.2f}%   ({cfg.model.arch}, {cfg.model.method}, "
          f"{cfg.data.dataset}; training took {summary['train_s']:.0f} s)")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_text(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
     if history:
         plot_curves(history, os.path.join(out, "curves.png"),
                     f"{cfg.model.method} {cfg.model.arch} x{cfg.model.num_branches} on {cfg.data.dataset}")

@@ -65,10 +65,11 @@ class OKDTask:
         if self._kd_tensor is not None:
             self._kd_arg = self._kd_tensor.fill_(self._kd_arg)
 
-    def kd_on_device(self, device: torch.device) -> None:
-        """Pass ``kd_scale`` as a 0-dim fp32 tensor on ``device`` that ``set_epoch`` fills in place (a captured
-        CUDA graph reads it; the objective takes it as a float would be taken: rounded to fp32)."""
-        self._kd_tensor = torch.zeros((), device=device)
+    def kd_on_device(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Pass ``kd_scale`` as a 0-dim tensor of the objective's math dtype (fp32; fp64 for an fp64 run) on
+        ``device`` that ``set_epoch`` fills in place (a captured CUDA graph reads it; the objective takes it as
+        it would take a float)."""
+        self._kd_tensor = torch.zeros((), device=device, dtype=dtype)
         self.set_epoch(self.epoch)
 
     def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

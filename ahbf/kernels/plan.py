@@ -198,6 +198,11 @@ def low_precision(dtypes: Sequence[torch.dtype], math: torch.dtype) -> tuple[int
 _PLANS: dict[tuple, OkdPlan] = {}
 
 
+def pinned() -> list[OkdPlan]:
+    """The plans alive now (a captured CUDA graph holds them: their buffers must outlive a cache clear)."""
+    return list(_PLANS.values())
+
+
 def plan_for(key: tuple, z, s, labels: Tensor, graph: DistillGraph, impl: str, T: float, eps: float,
              need_grad: bool) -> OkdPlan:
     """The plan of signature ``key`` (:func:`signature`), built on first use from validated inputs."""
