@@ -161,7 +161,7 @@ def _continued(path: str, files: list[str], overrides: list[tuple[str, Any]]) ->
     old, new = base.to_dict(), cfg.to_dict()
     changed = [f"{s}.{k} {old[s][k]!r} -> {v!r}" for s in new for k, v in new[s].items()
                if k not in ("output", "name", "resume") and old[s].get(k) != v]
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if _node_main():
         print(f"continuing {folder} with its recorded config ({recorded_file or path})"
               + (f"; changed by the command line: {', '.join(changed)}" if changed else ""))
     return cfg
@@ -201,10 +201,15 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
     return 0
 
 
+def _node_main() -> bool:
+    """Local rank 0 under torchrun (before the process group exists), or a single process."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def _say(line: str, every_rank: bool = False) -> None:
     """A final line on stderr; under torchrun once per node (local rank 0) unless ``every_rank``: a config error
     (a missing plugin or file) may be one node's alone."""
-    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+    if every_rank or _node_main():
         print(line, file=sys.stderr)
 
 
