@@ -76,13 +76,14 @@ class _OkdFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ahbf::okd_fused", mutates_args=())
 def okd_fused(z: list[Tensor], s: list[Tensor], labels: Tensor, kd_scale: Tensor, graph_key: int, T: float,
-              impl: str, need_grad: bool, eps: float = 0.0) -> list[Tensor]:
+              impl: str, need_grad: bool, eps: float) -> list[Tensor]:
     """``[loss, ce, kd, gradients]`` (the gradients of every branch and score tensor in one flat tensor,
     ``encoding.GradLayout``, only with ``need_grad``) for prepared inputs (``plan.prepare``).
 
     ``graph_key``: the graph's ``DistillGraph.key``. ``impl``: ``triton``, ``compiled`` or ``analytic`` (the
     uncompiled formulation, for debugging). ``eps``: the teacher-probability offset of the KL
-    (``reference.kl_t``); the Triton kernel takes 0 only.
+    (``reference.kl_t``); the Triton kernel takes 0 only. No argument has a default: torch < 2.14's
+    dispatcher drops an argument equal to its default, and backward's gradients then outnumber the inputs.
     """
     graph = graph_by_key(graph_key)
     plan = plan_for(signature((*z, *s), labels, graph, T, impl, eps, need_grad), z, s, labels, graph, impl, T, eps,
@@ -92,7 +93,7 @@ def okd_fused(z: list[Tensor], s: list[Tensor], labels: Tensor, kd_scale: Tensor
 
 
 @okd_fused.register_fake
-def _(z, s, labels, kd_scale, graph_key, T, impl, need_grad, eps=0.0):
+def _(z, s, labels, kd_scale, graph_key, T, impl, need_grad, eps):
     dt = grad_dtype(z[0].dtype)
     out = [z[0].new_empty((), dtype=dt) for _ in range(3)]
     if not need_grad:
