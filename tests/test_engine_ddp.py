@@ -93,6 +93,38 @@ def _first_rank(rank: int, port: int, folder: str) -> None:
         distributed.teardown()
 
 
+def _first_rank_fails(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import time
+
+    from ahbf.engine import distributed
+
+    env = distributed.setup("cpu", 120)
+    start = time.monotonic()
+    try:
+        with distributed.local_main_first(env):
+            if rank == 0:
+                raise OSError("download failed")
+            open(os.path.join(folder, "ran"), "w").close()  # must not happen: local rank 0 failed
+    except (OSError, distributed.LocalMainFailed) as err:
+        with open(os.path.join(folder, f"rank{rank}"), "w") as f:
+            f.write(f"{type(err).__name__} {time.monotonic() - start:.1f}")
+    finally:
+        distributed.teardown()
+
+
+def test_a_failed_first_block_stops_the_other_ranks_at_once(tmp_path):
+    """A download that fails on local rank 0: that rank has its own error, the others stop at once with
+    LocalMainFailed (they used to wait at a barrier until train.dist_timeout) and never run the block."""
+    torch.multiprocessing.spawn(_first_rank_fails, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert not (tmp_path / "ran").exists()
+    kind0, _ = (tmp_path / "rank0").read_text().split()
+    kind1, seconds = (tmp_path / "rank1").read_text().split()
+    assert (kind0, kind1) == ("OSError", "LocalMainFailed")
+    assert float(seconds) < 60  # not the 120 s timeout
+
+
 def test_local_rank_0_downloads_first(tmp_path):
     """``--download`` under torchrun: one download per node, the other ranks find its files (no race with the
     clean-up of a failed download)."""

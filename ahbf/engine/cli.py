@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError
 from .durable import WriteError
 from .checks import CHOICES
 from .config import SECTIONS, ConfigError, RunConfig, build_config, field_docs, parse_override
-from .distributed import lost_peer
+from .distributed import LocalMainFailed, lost_peer
 from .fault import (NONFINITE_EXIT, PEERS_LOST_EXIT, PREEMPTED_EXIT, STORAGE_ERRNOS, WRITE_FAILED_EXIT,
                     Preempted, agent_died, end_orphan, watch_agent)
 from .meters import NonFiniteLossError
@@ -191,7 +191,7 @@ def _run(prog: str, fn: Callable[[], Any]) -> int:
         print(f"{prog}: error: {text}", file=sys.stderr)
         return PEERS_LOST_EXIT
     except USER_ERRORS as err:
-        _say(f"{prog}: error: {' '.join(str(err).split())}", every_rank=not isinstance(err, ConfigError))
+        _say(f"{prog}: error: {' '.join(str(err).split())}", every_rank=not isinstance(err, (ConfigError, LocalMainFailed)))
         # a failed write (disk full, quota, ulimit -f) is neither bad input nor a crash
         storage = isinstance(err, WriteError) or getattr(err, "errno", None) in STORAGE_ERRNOS
         return WRITE_FAILED_EXIT if storage else 2

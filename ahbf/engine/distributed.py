@@ -158,17 +158,36 @@ def barrier() -> None:
         dist.barrier(group=_CONTROL.get("group"))
 
 
+class LocalMainFailed(ValueError):
+    """The block ``local_main_first`` runs first failed on a local rank 0: the other ranks stop too (the CLI
+    prints one line per node; the failing rank prints its own error)."""
+
+
 @contextlib.contextmanager
 def local_main_first(env: DistEnv, enabled: bool = True) -> Iterator[None]:
     """Local rank 0 of every node runs the block first (a download), the other ranks after it has finished
-    (they find the files). Every rank passes one barrier. A failure on local rank 0 leaves the others at the
-    barrier until the process group's timeout, so only what every rank needs first goes here."""
-    first = not (enabled and env.distributed) or env.local_rank == 0
-    if not first:
-        barrier()
-    yield
-    if first and enabled and env.distributed:
-        barrier()
+    (they find the files). Every rank joins one agreement (a CPU all-reduce) that says whether the block
+    failed on some local rank 0: that rank re-raises its own error, every other rank raises
+    :class:`LocalMainFailed` at once instead of waiting for the process group's timeout."""
+    if not (enabled and env.distributed):
+        yield
+        return
+    if env.local_rank != 0:
+        if any_rank(False)[0]:
+            raise LocalMainFailed(_FIRST_FAILED)
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        any_rank(True)
+        raise
+    if any_rank(False)[0]:  # another node's local rank 0 failed
+        raise LocalMainFailed(_FIRST_FAILED)
+
+
+_FIRST_FAILED = ("local rank 0 of a node failed preparing what every rank needs first (the data download: "
+                 "its error is in that rank's output); stopping this rank too")
 
 
 def local_world_size() -> int:
