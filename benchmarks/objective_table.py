@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 
+from ahbf.engine import graphed  # noqa: E402
 from ahbf.kernels import DistillGraph, okd_loss  # noqa: E402
 from ahbf.methods import build_graph  # noqa: E402
 from machine import cpu_name  # noqa: E402
@@ -223,20 +224,21 @@ def triton_kernel_only(case: Case, cfg=None):
 
 
 def cuda_graphed(step, device: str, warmup: int = 3):
-    """``step`` captured once as a CUDA graph after ``warmup`` calls on a side stream; returns the replay (the
-    step's outputs are static, overwritten by the next replay). Off CUDA: ``step`` itself."""
+    """``step`` captured once as a CUDA graph after ``warmup`` calls on a side stream (``engine/graphed.py``, as
+    ``train.cuda_graph`` does); returns the replay (the step's outputs are static, overwritten by the next
+    replay). Off CUDA: ``step`` itself."""
     if device != "cuda":
         return step
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    side, dev = torch.cuda.Stream(), torch.device("cuda", torch.cuda.current_device())
+    with graphed.side_stream(side, dev):
         for _ in range(warmup):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    graph, _, pinned = graphed.record(step, side)
+
+    def replay():
+        graph.replay()
+    replay.pinned = pinned  # the plans whose buffers the graph writes: held as long as the replay
+    return replay
 
 
 def summarize(ms: list[float]) -> dict:

@@ -98,31 +98,39 @@ class GraphedStep:
             self.warm += 1
             with self._side_stream():
                 return self.step(self.x, self.y)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                terms = self.step(self.x, self.y)
+            graph, terms, pinned = record(lambda: self.step(self.x, self.y), self.stream)
         except RuntimeError as err:  # an operation that cannot be captured: best effort, the step runs eagerly
             self.note(f"train.cuda_graph: capture failed ({str(err).splitlines()[0]}): the eager step runs")
             self.capture = False
             torch.cuda.synchronize(self.device)
             self.reset()  # gradients the failed capture may have left in the graph's memory pool
             return self.step(self.x, self.y)
-        self.graph, self.terms = graph, {k: v.detach() for k, v in terms.items()}  # static outputs
-        self.pinned = plan.pinned()  # a full plan cache is cleared; a replay must keep writing to live buffers
+        self.graph, self.terms, self.pinned = graph, {k: v.detach() for k, v in terms.items()}, pinned  # static outputs
         graph.replay()
         return self.terms
 
     def _side_stream(self):
         if self.stream is None:
             return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        return _joined(self.stream, self.device)
+        return side_stream(self.stream, self.device)
+
+
+def record(fn: Callable[[], object], stream: torch.cuda.Stream):
+    """``fn()`` captured as a CUDA graph on ``stream`` (after its warm-up there): ``(graph, fn's outputs, pinned)``,
+    ``pinned`` the objective's plans the graph writes to (hold them as long as the graph: a full plan cache is
+    cleared, and a replay must keep writing to live buffers)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    return graph, out, plan.pinned()
 
 
 @contextlib.contextmanager
-def _joined(stream: torch.cuda.Stream, device: torch.device):
-    """Run on ``stream``, then make the current stream wait for it."""
+def side_stream(stream: torch.cuda.Stream, device: torch.device):
+    """Run on ``stream`` once the current stream's work is done, then make the current stream wait for it
+    (warm-up before a capture)."""
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         yield
     torch.cuda.current_stream(device).wait_stream(stream)
