@@ -36,6 +36,20 @@ def test_notes_for_a_batch_larger_than_the_data_and_checkpoint_every_0(tmp_path,
     assert "note: train.checkpoint_every 0 means off" in out
 
 
+def test_compile_on_a_cpu_is_noted_and_off_is_not():
+    from types import SimpleNamespace
+
+    from ahbf.engine.config import build_config
+    from ahbf.engine.distributed import DistEnv
+    from ahbf.engine.run import input_notes
+
+    data = SimpleNamespace(train=SimpleNamespace(num_samples=100), num_classes=10)
+    for device, mode, noted in (("cpu", "regions", True), ("cpu", "off", False), ("cuda", "regions", False)):
+        cfg = build_config(overrides=[("train.compile", mode)])
+        notes = input_notes(cfg, data, DistEnv(0, 0, 1, torch.device(device)))
+        assert any("train.compile=regions on a CPU" in n for n in notes) == noted, (device, mode, notes)
+
+
 def test_resume_path_with_other_settings_lists_them(tmp_path, capsys):
     """--resume auto refuses another run's checkpoint (tests/test_engine_fault.py); an explicit --resume PATH
     continues it with this run's settings, and says which differ."""

@@ -110,6 +110,9 @@ def input_notes(cfg: RunConfig, data: DataBundle, env: DistEnv) -> list[str]:
                      f"process): each epoch is one step of {n}, and a scaled lr assumes full batches")
     if str(cfg.train.checkpoint_every).strip() == "0":
         notes.append("note: train.checkpoint_every 0 means off: last.pt is written at epoch ends only")
+    if cfg.train.compile != "off" and env.device.type == "cpu":
+        notes.append(f"note: train.compile={cfg.train.compile} on a CPU: the first step compiles (10-100 s) and compiled "
+                     "steps measured slower than eager (inductor's BatchNorm code; docs/benchmarks.md, Compile modes)")
     return notes
 
 
