@@ -1,5 +1,6 @@
 """train.cuda_graph on a CPU (ahbf/engine/graphed.py): the static-buffer step, uncaptured, gives bitwise the
-weights of the plain step, and the step's code traces as one torch.compile graph (no break, no host sync)."""
+weights of the plain step; the capture branch's control flow runs with a simulated graph (a replay re-runs the
+step); and the step's code traces as one torch.compile graph (no break, no host sync)."""
 from __future__ import annotations
 
 import pytest
@@ -59,6 +60,64 @@ def test_static_buffer_step_gives_bitwise_the_plain_steps_weights(backend, preci
     assert losses == ref_losses and len(losses) == 9
     for k, v in ref_state.items():
         assert torch.equal(state[k], v), k
+
+
+class ReplayByRerun:
+    """``torch.cuda.CUDAGraph`` simulated on a CPU: a capture runs the step (a real one records without running,
+    and the replay that follows runs it: here that first replay is skipped); a replay re-runs the step on the
+    same static buffers and writes its results into the tensors the capture returned, as a replay does."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, -1
+
+    def replay(self):
+        self.replays += 1
+        if self.replays:
+            for k, v in self.fn().items():
+                self.out[k].copy_(v)
+
+
+def simulated_capture(monkeypatch, fail: bool = False):
+    """GraphedStep's CUDA calls replaced: streams by nothing, ``record`` by :class:`ReplayByRerun` (or an error
+    as a capture raises it)."""
+    import contextlib
+
+    from ahbf.engine import graphed
+
+    def record(fn, stream):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        out = fn()
+        return ReplayByRerun(fn, out), out, ["plans"]
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(graphed, "side_stream", lambda stream, device: contextlib.nullcontext())
+    monkeypatch.setattr(graphed, "record", record)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["captured", "capture-fails"])
+def test_the_capture_branch_warms_up_captures_once_and_replays(monkeypatch, fail):
+    """The capture path's control flow, which only a GPU runs for real: WARMUP eager steps, one capture, then
+    replays returning the same static result tensors; a batch of another shape runs eagerly; a failed capture
+    notes its first line, clears the gradients and runs the eager step from then on. Either way the weights and
+    losses are bitwise the plain run's."""
+    simulated_capture(monkeypatch, fail)
+    plain, run = tiny_run(False, "eager"), tiny_run(True, "eager")
+    resets = []
+    run.graphed = GraphedStep(run.eager_step, CPU.device, capture=True, note=run.notes.append,
+                              reset=lambda: resets.append(run.amp.optimizer.zero_grad(set_to_none=True)))
+    ref_state, ref_losses = train(plain)
+    state, losses = train(run)
+    g = run.graphed
+    assert losses == ref_losses and all(torch.equal(state[k], v) for k, v in ref_state.items())
+    if fail:
+        assert g.graph is None and not g.capture and len(resets) == 1 and g.warm == 2 + 3  # 2 warm-ups, 3 after
+        assert "train.cuda_graph: capture failed (operation not permitted when stream is capturing): the eager " \
+               "step runs" in run.notes
+    else:
+        assert g.warm == 2 and g.graph.replays == 6 - 2 - 1 and g.pinned == ["plans"]  # 6 full batches in all
+        assert set(g.terms) >= {"loss", "ce", "kd"}  # the static results every replay rewrites (the losses above)
+    assert g.noted_shape  # the last batch of 4 of each epoch ran eagerly
 
 
 def test_capture_blockers_name_each_reason():
