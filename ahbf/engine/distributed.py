@@ -180,7 +180,8 @@ def local_main_first(env: DistEnv, enabled: bool = True) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        any_rank(True)
+        with contextlib.suppress(Exception):  # a peer already gone: this rank's own error is the one to report
+            any_rank(True)
         raise
     if any_rank(False)[0]:  # another node's local rank 0 failed
         raise LocalMainFailed(_FIRST_FAILED)
