@@ -131,6 +131,8 @@ def side_stream(stream: torch.cuda.Stream, device: torch.device):
     """Run on ``stream`` once the current stream's work is done, then make the current stream wait for it
     (warm-up before a capture)."""
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream(device).wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:  # also after an error: later work on the current stream must not overtake the side stream's
+        torch.cuda.current_stream(device).wait_stream(stream)
